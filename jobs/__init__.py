@@ -1,0 +1,1 @@
+"""One entry point per stage: `python -m jobs.<stage> --config jobs/configs/<stage>.yaml [--key value ...]`."""

@@ -1,0 +1,1 @@
+"""MAHALO on Ray: multi-objective alignment (MAH-DPO, vectorized PRMs, steerable serving)."""

