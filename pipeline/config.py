@@ -182,7 +182,9 @@ def _format_errors(err: ValidationError, path: str | None, from_cli: set[str]) -
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        cli = next((k for k in from_cli if loc == k or loc.startswith(k + ".")), None)
+        # An error at `train.lr` or inside it came from `--train.lr`; an unknown section
+        # `trian` came from `--trian.lr`.
+        cli = next((k for k in from_cli if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")), None)
         origin = f"command line (--{cli})" if cli else (path or "defaults")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

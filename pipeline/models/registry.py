@@ -21,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
+TINY_VERSION = 1  # bump when pipeline/models/tiny.py changes, so cached tiny models are rebuilt
 
 
 def cache_dir() -> Path:
@@ -71,7 +72,7 @@ def materialise_smollm2(target: Path | None = None) -> Path:
 def tiny_model(seed: int = 0) -> Path:
     from pipeline.models.tiny import build_tiny_model
 
-    return _build_once(cache_dir() / "models" / f"tiny-s{seed}", lambda out: build_tiny_model(out, seed=seed))
+    return _build_once(cache_dir() / "models" / f"tiny-v{TINY_VERSION}-s{seed}", lambda out: build_tiny_model(out, seed=seed))
 
 
 def resolve_model(name_or_path: str) -> str:
