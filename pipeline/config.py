@@ -45,6 +45,10 @@ class ModelConfig(Strict):
 class DataConfig(Strict):
     # Parquet/JSONL files, directories of shards, a `save_to_disk` directory, or a hub name.
     paths: list[str] = Field(default_factory=list)
+    # Values for fields that a whole data set shares and its rows lack, e.g.
+    # {objective: helpfulness} for a TRL preference set.
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    split: str = "train"  # for Hugging Face data sets with several splits
     # Write rows that break the schema to a quarantine file and go on, instead of failing.
     skip_bad_rows: bool = False
     quarantine_dir: str | None = None

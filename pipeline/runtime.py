@@ -41,6 +41,7 @@ def runtime_env(cfg: RayConfig) -> dict:
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Start or join Ray. Local Ray gets more logical CPUs than cores (Ray Data + Train deadlock trap)."""
     import ray
+    import ray.data
 
     cfg = cfg or RayConfig()
     if ray.is_initialized():
@@ -55,4 +56,6 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1)), runtime_env=renv,
                  include_dashboard=False, log_to_driver=True)
+    # Live progress bars only on a terminal; in job logs they turn into walls of redraws.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     log.info("ray %s: %s", "joined" if address else "started locally", ray.cluster_resources())

@@ -152,3 +152,8 @@ def test_ray_data_streams_shards(tmp_path, ray_session):
     q = tmp_path / "q"
     assert read_dataset(str(shards), "preference", skip_bad_rows=True, quarantine_dir=str(q)).count() == 14
     assert quarantine_count(str(q)) == 1
+
+
+def test_missing_local_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.parquet: no such file"):
+        read_records(str(tmp_path / "missing.parquet"), "sft")

@@ -35,7 +35,8 @@ def train_cfg(tmp_path, **kw) -> TrainConfig:
 def test_harness_loss_falls_on_fixed_batch(tmp_path, ray_session, tiny_model_dir, zero):
     cfg = train_cfg(tmp_path, zero_stage=zero)
     ds = fixed_batch_dataset(ray_session, tiny_model_dir)
-    res = fit(build_spec(tiny_model_dir, cfg.bf16), cfg, {"train": ds}, run_name=f"z{zero}", num_train_rows=16,
+    datasets = {"train": ds, "eval": ds.limit(4)}  # eval under ZeRO-3 needs equal forwards on every rank
+    res = fit(build_spec(tiny_model_dir, cfg.bf16), cfg, datasets, run_name=f"z{zero}", num_train_rows=16,
               log_dir=str(tmp_path / "logs"), export_dir=str(tmp_path / "model"))
     losses = [m["loss"] for m in read_metrics(res.log_dir)]
     assert len(losses) == 6 and res.step == 6
@@ -46,6 +47,7 @@ def test_harness_loss_falls_on_fixed_batch(tmp_path, ray_session, tiny_model_dir
     w0, w1 = before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight
     assert w1.shape == w0.shape and not torch.allclose(w0, w1)
     assert Path(res.checkpoint).name == "checkpoint-0000006"
+    assert res.metrics["eval/loss"] < losses[0]
 
 
 def test_resume_after_stop_and_after_worker_failure(tmp_path, ray_session, tiny_model_dir):

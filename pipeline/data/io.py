@@ -93,6 +93,8 @@ def _load_hf(path: str, split: str) -> tuple[list[dict], str]:
     if _is_hf_saved(p):
         ds = datasets.load_from_disk(str(p))
         src = str(p)
+    elif path.endswith(DATA_SUFFIXES) or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path}: no such file or directory")
     else:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise FileNotFoundError(

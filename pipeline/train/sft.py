@@ -66,7 +66,8 @@ def run_sft(cfg: SFTJobConfig) -> FitResult:
     model_dir = resolve_model(cfg.model.name_or_path)
     out = Path(cfg.output_dir)
     qdir = cfg.data.quarantine_dir or str(out / "quarantine")
-    records = read_dataset(cfg.data.paths, "sft", skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=qdir).materialize()
+    records = read_dataset(cfg.data.paths, "sft", defaults=cfg.data.defaults, skip_bad_rows=cfg.data.skip_bad_rows,
+                           quarantine_dir=qdir, split=cfg.data.split).materialize()
     datasets = {"train": records}
     if cfg.data.eval_fraction > 0:
         train, held = records.train_test_split(test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed)
