@@ -33,7 +33,7 @@ def train_cfg(tmp_path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_harness_loss_falls_on_fixed_batch(tmp_path, ray_session, tiny_model_dir, zero):
-    cfg = train_cfg(tmp_path, zero_stage=zero)
+    cfg = train_cfg(tmp_path, zero_stage=zero, grad_accum=zero - 1)  # ZeRO-3 also accumulates 2 micro-batches
     ds = fixed_batch_dataset(ray_session, tiny_model_dir)
     datasets = {"train": ds, "eval": ds.limit(4)}  # eval under ZeRO-3 needs equal forwards on every rank
     res = fit(build_spec(tiny_model_dir, cfg.bf16), cfg, datasets, run_name=f"z{zero}", num_train_rows=16,
@@ -113,6 +113,16 @@ def test_sft_loss_ignores_prompt_tokens(tiny_model_dir):
     keep = target != -100
     by_hand = torch.nn.functional.cross_entropy(logits[keep], target[keep])
     assert keep.sum() < len(target) and loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_missing_tracker_package_fails_before_training(tmp_path):
+    from pipeline.train.tracking import check_tracker
+
+    cfg = TrainConfig(tracker={"kind": "wandb"})
+    if __import__("importlib").util.find_spec("wandb") is None:
+        with pytest.raises(ModuleNotFoundError, match="pip install wandb"):
+            check_tracker(cfg.tracker)
+    check_tracker(TrainConfig().tracker)  # tensorboard ships with the project
 
 
 def test_plan_and_schedule():

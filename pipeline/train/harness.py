@@ -261,6 +261,9 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train.tracking import check_tracker
+
+    check_tracker(cfg.tracker)
     steps_per_epoch, total_steps = plan_steps(num_train_rows, cfg)
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())

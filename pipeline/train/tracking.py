@@ -8,6 +8,18 @@ from pathlib import Path
 from pipeline.config import TrackerConfig
 
 
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_tracker(cfg: TrackerConfig) -> None:
+    """Fail before training starts, not on the workers mid-run, if the tracker's package is missing."""
+    import importlib.util
+
+    pkg = PACKAGES.get(cfg.kind)
+    if pkg and importlib.util.find_spec(pkg) is None:
+        raise ModuleNotFoundError(f"train.tracker.kind is {cfg.kind!r} but the {pkg} package is not installed: pip install {pkg}")
+
+
 class Tracker:
     def __init__(self, cfg: TrackerConfig, run_name: str, log_dir: str, params: dict):
         self.kind, self._impl = cfg.kind, None
