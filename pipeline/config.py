@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.objectives.registry import ObjectiveSpec
+
 
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, unreadable file."""
@@ -124,8 +126,9 @@ class SFTJobConfig(Strict):
 
 
 class MainTaskDataConfig(Strict):
-    """The small built-in SFT data set of the main job."""
+    """The built-in tasks of the main job (per family)."""
 
+    names: list[Literal["math_word", "assistant", "tutoring"]] = ["math_word", "assistant", "tutoring"]
     n_train: int = Field(256, ge=1)
     n_eval: int = Field(32, ge=0)
     seed: int = 0
@@ -140,6 +143,20 @@ class MainJobConfig(Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class ScoreTasksConfig(Strict):
+    """Per-objective scores of one policy on the held-out built-in tasks (jobs.score_tasks)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[Literal["math_word", "assistant", "tutoring"]] = ["math_word", "assistant", "tutoring"]
+    n_eval: int = Field(48, ge=1)
+    seed: int = 0
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    batch_size: int = Field(16, ge=1)
+    out_dir: str = "runs/score_tasks"
+    # Extra objectives per task, scored beside the family's own: {assistant: [{name: politeness, ...}]}
+    objectives: dict[str, list[ObjectiveSpec]] = Field(default_factory=dict)
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,16 +1,63 @@
-"""Built-in tasks, generated deterministically from a seed (the main job's embedded default)."""
+"""Built-in tasks, generated deterministically from a seed: the main job's embedded default.
 
+One family per domain of the paper:
+- math_word (math): accuracy (verifiable) + engagement (judged);
+- assistant (open-ended prompts): thoroughness + concision (judged, in tension);
+- tutoring (multi-turn, simulated student): accuracy + engagement (dialogue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pipeline.data.io import write_records
-from pipeline.tasks import math_word
+from pipeline.tasks import assistant, math_word, tutoring
 
 
-def write_builtin(out_dir: str | Path, n_train: int, n_eval: int, seed: int) -> dict[str, str]:
-    """Write the built-in problems and SFT demonstrations as Parquet; returns the paths."""
+@dataclass(frozen=True)
+class TaskFamily:
+    name: str
+    objectives: list[dict]  # ObjectiveSpec dicts (pipeline.objectives.registry)
+    generate: Callable  # (n, seed, split, exclude) -> (problem records, SFT records)
+    multi_turn: bool = False
+    max_turns: int = 1  # policy turns per episode (multi-turn families)
+    max_tokens: int = 256  # per policy turn
+    done: Callable | None = None  # (dialogue, meta) -> True when a multi-turn episode is over
+
+
+TASKS: dict[str, TaskFamily] = {
+    "math_word": TaskFamily("math_word", math_word.OBJECTIVES, math_word.generate, max_tokens=320),
+    "assistant": TaskFamily("assistant", assistant.OBJECTIVES, assistant.generate, max_tokens=160),
+    "tutoring": TaskFamily("tutoring", tutoring.OBJECTIVES, tutoring.generate, multi_turn=True,
+                           max_turns=tutoring.MAX_TURNS, max_tokens=96, done=tutoring.done),
+}
+
+
+def get_task(name: str) -> TaskFamily:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def splits(task: str, n_train: int, n_eval: int, seed: int) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Train and held-out splits of one family, with no prompt in both."""
+    fam = get_task(task)
+    train = fam.generate(n_train, seed, "train")
+    seen = {p["prompt"][-1]["content"] for p in train[0]}
+    return {"train": train, "eval": fam.generate(n_eval, seed, "eval", exclude=seen)}
+
+
+def write_builtin(out_dir: str | Path, n_train: int, n_eval: int, seed: int,
+                  tasks: list[str] | None = None) -> dict[str, str]:
+    """Write problems and SFT demonstrations of every family as Parquet; returns the paths.
+    `problems_<split>` / `sft_<split>` hold all families together (column `task` tells them apart)."""
     out = Path(out_dir)
-    paths = {}
-    for split, (problems, sft) in math_word.splits(n_train, n_eval, seed).items():
-        paths[f"problems_{split}"] = write_records(problems, out / f"problems_{split}.parquet", "problem")
-        paths[f"sft_{split}"] = write_records(sft, out / f"sft_{split}.parquet", "sft")
-    return paths
+    rows: dict[str, list[dict]] = {}
+    for task in tasks or list(TASKS):
+        for split, (problems, sft) in splits(task, n_train, n_eval, seed).items():
+            rows.setdefault(f"problems_{split}", []).extend(problems)
+            rows.setdefault(f"sft_{split}", []).extend(sft)
+    return {name: write_records(r, out / f"{name}.parquet", "problem" if name.startswith("problems") else "sft")
+            for name, r in rows.items()}

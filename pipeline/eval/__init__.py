@@ -1,0 +1,1 @@
+"""Evaluation: per-objective scores of a policy on the built-in tasks."""

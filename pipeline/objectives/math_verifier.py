@@ -1,0 +1,39 @@
+"""Math answers checked with math-verify: the last \\boxed{} answer, else the final
+line's answer; equivalent forms (1/2, \\frac12, 0.5) count as equal."""
+
+from __future__ import annotations
+
+import threading
+
+from math_verify import parse, verify
+
+
+def _timeout() -> int | None:
+    # math-verify times out with signals, which only work in the main thread.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def extract_answer(text: str) -> list:
+    """Parsed answer candidates (empty when the response states no answer)."""
+    if not text or not text.strip():
+        return []
+    if "\\boxed" in text:
+        return parse(text, parsing_timeout=_timeout())
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return parse(lines[-1], parsing_timeout=_timeout())
+
+
+def is_correct(response: str, reference: str) -> bool:
+    pred = extract_answer(response)
+    if not pred:
+        return False
+    gold = parse(f"${reference}$", parsing_timeout=_timeout()) or parse(reference, parsing_timeout=_timeout())
+    return bool(gold) and verify(gold, pred, timeout_seconds=_timeout())
+
+
+def math_accuracy(prompt, response, reference, meta) -> float:
+    """Verifier signature shared by every objective: 1.0 if the final answer is right, else 0.0."""
+    if reference is None:
+        raise ValueError("math accuracy needs a reference answer")
+    text = response if isinstance(response, str) else (response[-1]["content"] if response else "")
+    return 1.0 if is_correct(text, reference) else 0.0

@@ -1,0 +1,46 @@
+"""A transformers-backed generation engine behind the engine interface (pipeline.rollout).
+For tests and small in-process measurements; batch work at scale uses the vLLM engine."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.models.checkpoint import load_causal_lm, load_tokenizer
+
+
+class TransformersEngine:
+    def __init__(self, model_dir: str, dtype: str = "bfloat16", batch_size: int = 16, device: str | None = None):
+        self.tok = load_tokenizer(model_dir)
+        self.tok.padding_side = "left"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | None = None) -> list[list[str]]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        texts = [self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        out: list[list[str]] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.device)
+            sample = temperature > 0
+            gen = self.model.generate(
+                **enc, max_new_tokens=max_tokens, do_sample=sample, num_return_sequences=n,
+                temperature=temperature if sample else None, top_p=top_p if sample else None,
+                top_k=(top_k if top_k > 0 else None) if sample else None,
+                eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id,
+            )
+            new = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j in range(0, len(new), n):
+                out.append([_cut(t, stop) for t in new[j : j + n]])
+        return out
+
+
+def _cut(text: str, stop: list[str] | None) -> str:
+    for s in stop or ():
+        if s in text:
+            text = text[: text.index(s)]
+    return text

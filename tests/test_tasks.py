@@ -1,0 +1,154 @@
+"""Built-in task families: determinism, held-out splits, mixed-quality demonstrations, and
+judges that gamed responses (padding, keyword stuffing, leaked answers) cannot win."""
+
+import json
+
+import pytest
+
+from pipeline.objectives import build_objectives
+from pipeline.tasks import TASKS, splits, write_builtin
+from pipeline.tasks import assistant, math_word, tutoring
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_generators_are_deterministic_with_disjoint_splits(task):
+    a, b = splits(task, 40, 12, seed=3), splits(task, 40, 12, seed=3)
+    assert a == b
+    assert splits(task, 40, 12, seed=4)["train"][0] != a["train"][0]
+    train_q = {p["prompt"][-1]["content"] for p in a["train"][0]}
+    eval_q = {p["prompt"][-1]["content"] for p in a["eval"][0]}
+    assert eval_q and not train_q & eval_q
+    assert len(a["eval"][0]) == 12 and all(p["task"] == task for p in a["eval"][0])
+
+
+def test_assistant_held_out_topics_are_unseen():
+    s = splits("assistant", 200, 30, seed=0)
+    topics = lambda rows: {json.loads(p["meta"])["topic"] for p in rows}  # noqa: E731
+    assert not topics(s["train"][0]) & topics(s["eval"][0])
+
+
+def _demo_scores(task: str, n: int = 160) -> dict[str, float]:
+    """Mean score of each objective over the family's SFT demonstrations (full dialogues for tutoring)."""
+    fam = TASKS[task]
+    problems, sft = fam.generate(n, 0, "train")
+    objs = build_objectives(fam.objectives)
+    items = []
+    for p in problems:
+        demos = [d for d in sft if d["id"].startswith(p["id"] + "-demo")]
+        if fam.multi_turn:
+            last = demos[-1]
+            dialogue = last["prompt"] + [{"role": "assistant", "content": last["completion"]}]
+            dialogue.append({"role": "user", "content": tutoring.student(dialogue, p["meta"])})
+            response = dialogue[len(p["prompt"]):]
+        else:
+            response = demos[0]["completion"]
+        items.append({"prompt": p["prompt"], "response": response, "reference": p["reference"], "meta": p["meta"]})
+    return {name: sum(o.score_batch(items)) / len(items) for name, o in objs.items()}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_demonstrations_are_of_mixed_quality(task):
+    """An SFT model trained on them starts imperfect on every objective."""
+    for name, mean in _demo_scores(task).items():
+        assert 0.2 < mean < 0.9, (task, name, mean)
+
+
+def _math_case():
+    problems, sft = math_word.generate(30, 1, "train")
+    i = next(k for k, p in enumerate(problems) if json.loads(p["meta"])["demo_style"] == "engaging")
+    return problems[i], sft[i]["completion"]
+
+
+def test_math_engagement_resists_gaming():
+    p, good = _math_case()
+    meta = p["meta"]
+    base = math_word.engagement(p["prompt"], good, p["reference"], meta)
+    assert base > 0.6
+    filler = "\n\n".join(["We think this is so because we check and notice it, so let's remember that."] * 12)
+    assert math_word.engagement(p["prompt"], good + "\n\n" + filler, p["reference"], meta) < 0.5 * base  # padding
+    stuffed = "Let's think, because so we first notice, then next check, so remember: " + " ".join(
+        str(v) for v in json.loads(meta)["values"])
+    assert math_word.engagement(p["prompt"], stuffed, p["reference"], meta) == 0.0  # keyword stuffing
+    notation = "\n\n".join(f"${x} = {v}$" for x, v in json.loads(meta)["steps"])
+    assert math_word.engagement(p["prompt"], notation, p["reference"], meta) == 0.0  # notation without words
+    prose = "\n\n".join(["Math is a wonderful subject and we all love learning new things every single day."] * 3)
+    assert math_word.engagement(p["prompt"], prose, p["reference"], meta) == 0.0  # length alone, ungrounded
+
+
+def test_assistant_judges_resist_gaming_and_pull_apart():
+    meta = {"topic": "sleep better"}
+    sents = [s for _, s in assistant.TOPICS["sleep better"]]
+    full, two = " ".join(sents), " ".join(sents[:2])
+    th, co = assistant.thoroughness, assistant.concision
+    assert th(None, full, None, meta) == 1.0 and th(None, two, None, meta) == 0.5
+    assert co(None, two, None, meta) > 0.9 and co(None, full, None, meta) < 0.7  # they pull against each other
+    assert th(None, " ".join([sents[0]] * 8), None, meta) == 0.25  # repetition adds nothing
+    assert th(None, "Schedule, screens, phone, caffeine, coffee, dark, cool, quiet room.", None, meta) == 0.0  # stuffing
+    assert th(None, "Keep a schedule and no phone or coffee in a dark room.", None, meta) == 0.25  # one line, one aspect
+    padded = two + " It is important to note that everyone is different. I hope this helps!"
+    assert co(None, padded, None, meta) < 0.5 * co(None, two, None, meta)  # filler and padding
+    assert co(None, "Drink more water and eat fruit every morning to feel great.", None, meta) == 0.0  # off topic
+    assert th(None, "", None, meta) == 0.0 and co(None, "", None, meta) == 0.0
+
+
+def _dialogue(problem, tutor_turns):
+    d = list(problem["prompt"])
+    for t in tutor_turns:
+        d.append({"role": "assistant", "content": t})
+        d.append({"role": "user", "content": tutoring.student(d, problem["meta"])})
+        if tutoring.done(d, problem["meta"]):
+            break
+    return d[len(problem["prompt"]):]
+
+
+def test_tutoring_student_and_judges():
+    p = tutoring.generate(5, 2, "train")[0][0]
+    meta = json.loads(p["meta"])
+    answer = meta["values"][-1]
+    scaffold = [f"What is {e.split(' ')[0]} {e.split(' ')[1]} {e.split(' ')[2]}?" for e, _ in meta["steps"]]
+    good = _dialogue(p, scaffold)
+    assert tutoring.accuracy(p["prompt"], good, p["reference"], meta) == 1.0
+    assert tutoring.engagement(p["prompt"], good, p["reference"], meta) == 1.0
+    leak = _dialogue(p, [f"The answer is {answer}."])  # answer leaking: accurate, not engaging
+    assert tutoring.accuracy(p["prompt"], leak, p["reference"], meta) == 1.0
+    assert tutoring.engagement(p["prompt"], leak, p["reference"], meta) == 0.0
+    lecture = _dialogue(p, ["Think carefully about the problem and read it again slowly."] * 3)
+    assert tutoring.accuracy(p["prompt"], lecture, p["reference"], meta) == 0.0
+    assert tutoring.engagement(p["prompt"], lecture, p["reference"], meta) == 0.0
+    vague = _dialogue(p, ["What do you think??? Really??? Why???"] * 3)  # question-mark stuffing, ungrounded
+    assert tutoring.engagement(p["prompt"], vague, p["reference"], meta) == 0.0
+    e, v = meta["steps"][0]
+    wrong = _dialogue(p, [f"Careful: {e} = {v + 1}. " + scaffold[0]] + scaffold[1:])  # states a falsehood
+    assert tutoring.accuracy(p["prompt"], wrong, p["reference"], meta) == 0.0
+    assert tutoring.false_claims(f"So {e} = {v}, and the answer is {answer}.", answer) == 0
+
+
+def test_write_builtin_all_families(tmp_path):
+    from pipeline.data import read_records
+
+    paths = write_builtin(tmp_path, 6, 3, seed=0)
+    probs, _ = read_records(paths["problems_eval"], "problem")
+    sft, _ = read_records(paths["sft_train"], "sft")
+    assert sorted(set(probs.column("task").to_pylist())) == sorted(TASKS)
+    assert sft.num_rows >= 18  # tutoring contributes one SFT row per tutor turn
+
+
+def test_score_tasks_job_on_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    """The scoring job end to end, with a user's objective added in config (no code change in pipeline/)."""
+    from jobs.score_tasks import main
+
+    (tmp_path / "user_judges.py").write_text("def short(prompt, response, reference, meta):\n"
+                                             "    return 1.0 if len(response) < 200 else 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "score.yaml"
+    cfg.write_text("objectives:\n  assistant:\n    - {name: short, kind: judged, judge: {callable: 'user_judges:short'}}\n")
+    res = main(["--config", str(cfg), "--model.name_or_path", tiny_model_dir, "--model.dtype", "float32",
+                "--n_eval", "2", "--out_dir", str(tmp_path / "out")])
+    tmp_path = tmp_path / "out"
+    assert res["assistant"]["short"]["n"] == 2
+    assert set(res) == set(TASKS)
+    for task, fam in TASKS.items():
+        assert {o["name"] for o in fam.objectives} <= set(res[task])
+        assert all(0.0 <= res[task][o["name"]]["mean"] <= 1.0 for o in fam.objectives)
+    assert (tmp_path / "scores.md").read_text().count("\n") == 3 + sum(len(f.objectives) for f in TASKS.values())
+    assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 2 * len(TASKS)
