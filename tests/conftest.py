@@ -25,9 +25,28 @@ def ray_session():
     from pipeline.config import RayConfig
     from pipeline.runtime import init_ray
 
-    init_ray(RayConfig(num_cpus=4))
+    # tests/ on the workers' path, for the fake policy of the labelling tests (tests/fakes.py).
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    init_ray(RayConfig(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}}))
     yield ray
     ray.shutdown()
+
+
+CPU_VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+CPU_ENGINE = {"kind": "vllm", "dtype": "bfloat16", "max_model_len": 1024,
+              "engine_args": {"kv_cache_memory_bytes": 128 << 20}, "env": CPU_VLLM_ENV}
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir):
+    """One in-process vLLM engine (vllm-cpu) on the tiny model for the whole session."""
+    os.environ.update(CPU_VLLM_ENV)
+    from pipeline.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(tiny_model_dir, dtype="bfloat16", max_model_len=1024,
+                        engine_args={"kv_cache_memory_bytes": 128 << 20})
+    yield engine
+    engine.shutdown()
 
 
 def sft_rows(n: int, offset: int = 0) -> list[dict]:

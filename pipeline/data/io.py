@@ -53,7 +53,10 @@ def list_shards(path: str | os.PathLike) -> list[str]:
     if p.is_file():
         return [str(p)]
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in DATA_SUFFIXES and f.is_file() and not f.name.startswith((".", "_")) and ".quarantine." not in f.name)
+        # Files or folders named "_..." or "..." are bookkeeping (plans, failures, quarantine), not data.
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in DATA_SUFFIXES and f.is_file()
+                       and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)
+                       and ".quarantine." not in f.name)
         if not files:
             raise FileNotFoundError(f"{p}: directory holds no .parquet/.jsonl/.json shards")
         return files
@@ -111,7 +114,7 @@ def _load_hf(path: str, split: str) -> tuple[list[dict], str]:
 
 
 def _quarantine(rejected: list[Rejected], quarantine_dir: str | None, source: str) -> str:
-    qdir = Path(quarantine_dir or Path(source).parent / "quarantine")
+    qdir = Path(quarantine_dir or Path(source).parent / "_quarantine")
     qdir.mkdir(parents=True, exist_ok=True)
     stem = Path(source).name.replace("/", "_")
     out = qdir / f"{stem}.quarantine.jsonl"

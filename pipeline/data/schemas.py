@@ -59,6 +59,8 @@ class TrajectoryRow(_Row):
     final: str
     outcome: float | None = None
     policy: str
+    # Dialogues: every message after the prompt (the policy's turns are `steps`).
+    turns: list[Message] | None = None
 
 
 class StepwiseRow(_Row):
@@ -129,6 +131,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("final", pa.string(), nullable=False),
             pa.field("outcome", pa.float32()),
             pa.field("policy", pa.string(), nullable=False),
+            pa.field("turns", MESSAGES),
         ]
     ),
     "stepwise": pa.schema(

@@ -3,9 +3,14 @@ line's answer; equivalent forms (1/2, \\frac12, 0.5) count as equal."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from math_verify import parse, verify
+
+
+# Off the main thread (Ray Data UDFs) math-verify cannot time out and says so on every call.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def _timeout() -> int | None:

