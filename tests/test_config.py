@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from jobs.common import CONFIGS, parse_job_args
-from pipeline.config import ConfigError, MainJobConfig, SFTJobConfig, load_config, parse_overrides
+from pipeline.config import (ConfigError, LabelJobConfig, MainJobConfig, RolloutJobConfig, SFTJobConfig, load_config,
+                             parse_overrides)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -61,6 +62,7 @@ def test_job_cli_exits_before_work(tmp_path, capsys):
     assert "train.zero_stage" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,cls", [("sft.yaml", SFTJobConfig), ("main.yaml", MainJobConfig)])
+@pytest.mark.parametrize("name,cls", [("sft.yaml", SFTJobConfig), ("main.yaml", MainJobConfig),
+                                      ("rollout.yaml", RolloutJobConfig), ("label_steps.yaml", LabelJobConfig)])
 def test_shipped_configs_validate(name, cls):
     load_config(cls, CONFIGS / name)

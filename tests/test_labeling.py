@@ -131,3 +131,13 @@ def test_label_job_resumes_after_kill_with_exact_rows(tmp_path, ray_session):
     assert row["labels"] == pytest.approx([v + 0.9 ** (4 - i) for i, v in enumerate([0.25, 0.75, 0.5, 1.0], 1)])
     again = run_labeling(cfg)
     assert again.shards_written == [] and len(again.shards_skipped) == 3
+
+
+def test_failed_rows_are_counted_and_kept_aside(tmp_path, ray_session):
+    over = write_inputs(tmp_path, n_shards=1, per_shard=3)
+    probs, _ = read_records(over["problems"][0], "problem")
+    write_records(probs.to_pylist()[1:], over["problems"][0], "problem")  # t0's problem is gone
+    report = run_labeling(load_config(LabelJobConfig, None, over))
+    assert report.failed_inputs == 1 and report.rows == 2
+    failed = (tmp_path / "labels" / "_failed" / "part-0.jsonl").read_text().splitlines()
+    assert [json.loads(x)["input"] for x in failed] == ["t0"] and "problem p0 not found" in failed[0]
