@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, dump_config, load_config
 
 C = TypeVar("C", bound=BaseModel)
 CONFIGS = Path(__file__).parent / "configs"
@@ -44,3 +44,17 @@ def parse_job_args(cls: type[C], default_config: str | None, argv: list[str] | N
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("MAHALO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def start_job(cls: type[C], default_config: str | None, argv: list[str] | None, out_dir_field: str,
+              with_ray: bool = True) -> C:
+    """The common start of a stage job: logging, config (exits 2 on a bad one), the resolved
+    config written to <out_dir>/config.yaml, then Ray."""
+    setup_logging()
+    cfg = parse_job_args(cls, default_config, argv)
+    dump_config(cfg, Path(getattr(cfg, out_dir_field)) / "config.yaml")
+    if with_ray:
+        from pipeline.runtime import init_ray
+
+        init_ray(cfg.ray)
+    return cfg

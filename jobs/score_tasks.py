@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from jobs.common import parse_job_args, setup_logging
-from pipeline.config import ScoreTasksConfig, dump_config
+from jobs.common import start_job
+from pipeline.config import ScoreTasksConfig
 from pipeline.eval.task_scores import score_task
 from pipeline.models.registry import resolve_model
 from pipeline.rollout.hf_engine import TransformersEngine
@@ -20,10 +20,8 @@ from pipeline.tasks import splits
 
 
 def main(argv: list[str] | None = None) -> dict:
-    setup_logging()
-    cfg = parse_job_args(ScoreTasksConfig, None, argv)
+    cfg = start_job(ScoreTasksConfig, None, argv, "out_dir", with_ray=False)
     out = Path(cfg.out_dir)
-    dump_config(cfg, out / "config.yaml")
     engine = TransformersEngine(resolve_model(cfg.model.name_or_path), cfg.model.dtype, batch_size=cfg.batch_size)
     results, lines = {}, ["| task | objective | mean | positive rate | n |", "|---|---|---:|---:|---:|"]
     with open(out / "episodes.jsonl", "w") as f:

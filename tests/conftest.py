@@ -7,7 +7,22 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import glob  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_shared_memory():
+    """vLLM engines killed with their Ray actors leave /dev/shm/psm_* segments; remove ours."""
+    before = set(glob.glob("/dev/shm/psm_*")) | set(glob.glob("/dev/shm/sem.mp-*"))
+    yield
+    for f in set(glob.glob("/dev/shm/psm_*")) | set(glob.glob("/dev/shm/sem.mp-*")):
+        if f not in before:
+            try:
+                os.remove(f)
+            except OSError:
+                pass
 
 
 @pytest.fixture(scope="session")

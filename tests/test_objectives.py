@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from pipeline.objectives import (LLMJudge, ObjectiveSpec, build_objective, build_objectives, parse_verdict,
+from pipeline.objectives import (ObjectiveSpec, build_objective, build_objectives, parse_verdict,
                                  split_blank_lines, split_sentences, split_turns)
 from pipeline.objectives.math_verifier import is_correct
 from pipeline.objectives.users import LLMUser

@@ -8,7 +8,6 @@ import torch
 
 from conftest import sft_rows
 from pipeline.config import SFTJobConfig, TrainConfig, load_config
-from pipeline.data import write_records
 from pipeline.data.stream import quarantine_count
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.models.tokenize import encode_prompt_completion

@@ -63,7 +63,6 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
 
 
 def run_labeling(cfg: LabelJobConfig) -> ShardReport:
-    import ray
     from tqdm import tqdm
 
     if not cfg.trajectories or not cfg.problems:
