@@ -1,0 +1,135 @@
+"""The vectorized process reward model: one backbone, one output per objective.
+
+A response is encoded as prompt (chat template) + step_1 SEP step_2 SEP ... step_n SEP,
+where SEP is a separator token (default "<|step|>", added to the tokenizer when it
+lacks it). One forward pass gives, at every SEP position, a vector with one reward
+per objective. Dialogues use the same layout with one SEP per policy turn.
+
+Checkpoint layout (safetensors only): the backbone and tokenizer as a Hugging Face
+directory, plus `prm_head.safetensors` and `prm_config.json` (objectives in head
+order, their label kinds, the separator).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_SEPARATOR = "<|step|>"
+
+
+def add_separator(tokenizer, separator: str = DEFAULT_SEPARATOR) -> int:
+    """The separator's token id, adding it as a special token when the vocabulary lacks it."""
+    if separator not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [separator]})
+    ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"separator {separator!r} is not one token for this tokenizer ({ids})")
+    return ids[0]
+
+
+def encode_steps(tokenizer, prompt: list[dict], steps: list[str], sep_id: int, max_length: int,
+                 labels: list[list[float | None]] | None = None) -> dict:
+    """input_ids, the SEP positions, and (optionally) per-step label vectors.
+
+    When the text is longer than max_length the prompt is kept and the response is cut:
+    steps whose SEP falls past the cut are dropped with their labels (never scored as
+    something else). A prompt longer than max_length keeps its last max_length // 2 tokens.
+    """
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_length // 2 and len(ids) + 1 > max_length:
+        ids = ids[-(max_length // 2):]
+    positions = []
+    for step in steps:
+        piece = tokenizer(step, add_special_tokens=False)["input_ids"] + [sep_id]
+        if len(ids) + len(piece) > max_length:
+            break
+        ids += piece
+        positions.append(len(ids) - 1)
+    out = {"input_ids": ids, "positions": positions, "n_steps": len(steps)}
+    if labels is not None:
+        out["labels"] = [[float("nan") if x is None else float(x) for x in row] for row in labels[: len(positions)]]
+    return out
+
+
+class VectorPRM(nn.Module):
+    """backbone (any Hugging Face base model) + Linear(hidden, n_objectives) read at SEP positions."""
+
+    def __init__(self, backbone: nn.Module, objectives: list[str], label_kinds: dict[str, str],
+                 separator: str = DEFAULT_SEPARATOR, sep_id: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.objectives, self.label_kinds = list(objectives), dict(label_kinds)
+        self.separator, self.sep_id = separator, sep_id
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, len(objectives))
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):  # DeepSpeed and the harness look for .config
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards at every position, [batch, seq, n_objectives] (raw: values / logits)."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(h.to(self.head.weight.dtype))
+
+    def step_rewards(self, input_ids, attention_mask, positions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, max_steps, n_objectives] at the SEP positions (padding steps: zeros, see step_mask)."""
+        out = self(input_ids, attention_mask)
+        idx = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, out.shape[-1])
+        return out.gather(1, idx) * step_mask.unsqueeze(-1)
+
+    def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(out, state_dict=backbone_sd)
+        save_file({k[len("head."):]: v.contiguous() for k, v in sd.items() if k.startswith("head.")},
+                  str(out / "prm_head.safetensors"))
+        (out / "prm_config.json").write_text(json.dumps(
+            {"objectives": self.objectives, "label_kinds": self.label_kinds, "separator": self.separator}, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> tuple["VectorPRM", object]:
+        """(model, tokenizer) from a directory written by save(); checks every weight loaded."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        from pipeline.models.checkpoint import check_safetensors
+
+        p = check_safetensors(path)
+        cfg = json.loads((p / "prm_config.json").read_text())
+        tok = AutoTokenizer.from_pretrained(str(p))
+        backbone = AutoModel.from_pretrained(str(p), dtype=dtype, use_safetensors=True)
+        model = cls(backbone, cfg["objectives"], cfg["label_kinds"], cfg["separator"], add_separator(tok, cfg["separator"]))
+        model.head.load_state_dict(load_file(str(p / "prm_head.safetensors")), strict=True)  # every weight, or an error
+        return model, tok
+
+
+def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str], separator: str = DEFAULT_SEPARATOR,
+              dtype: torch.dtype = torch.float32) -> tuple[VectorPRM, object]:
+    """A fresh vectorized PRM on a causal LM's backbone (its LM head is not used)."""
+    from transformers import AutoModel
+
+    from pipeline.models.checkpoint import check_safetensors, load_tokenizer
+
+    tok = load_tokenizer(str(check_safetensors(model_dir)))
+    sep_id = add_separator(tok, separator)
+    backbone = AutoModel.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    if backbone.get_input_embeddings().weight.shape[0] < len(tok):
+        backbone.resize_token_embeddings(len(tok))
+    if unknown := set(label_kinds.values()) - {"soft", "hard", "outcome"}:
+        raise ValueError(f"unknown label kinds {unknown}; use soft, hard or outcome")
+    return VectorPRM(backbone, objectives, label_kinds, separator, sep_id), tok

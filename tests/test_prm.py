@@ -1,0 +1,95 @@
+"""The vectorized PRM's pieces: label placement at separators (with truncation), masking of
+missing labels, each loss against a hand-computed value, a multi-objective batch, save/load."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.models.prm import VectorPRM, build_prm, encode_steps
+from pipeline.train.prm_losses import bradley_terry, combine, masked_step_losses, outcome_pairs
+
+PROMPT = [{"role": "user", "content": "What is 3 + 4 + 5?"}]
+STEPS = ["3 + 4 = 7.", "7 + 5 = 12.", "The answer is 12."]
+
+
+@pytest.fixture(scope="module")
+def prm(tiny_model_dir):
+    return build_prm(tiny_model_dir, ["accuracy", "engagement"], {"accuracy": "soft", "engagement": "hard"})
+
+
+def test_labels_sit_at_separators(prm):
+    model, tok = prm
+    enc = encode_steps(tok, PROMPT, STEPS, model.sep_id, max_length=256, labels=[[0.5, 1], [0.7, None], [1.0, 0]])
+    assert len(enc["positions"]) == 3 and all(enc["input_ids"][p] == model.sep_id for p in enc["positions"])
+    assert enc["input_ids"].count(model.sep_id) == 3  # nowhere else
+    assert tok.decode(enc["input_ids"][enc["positions"][0] - 5 : enc["positions"][0]]).endswith("= 7.")
+    assert math.isnan(enc["labels"][1][1]) and enc["labels"][2] == [1.0, 0.0]
+
+
+def test_truncation_drops_cut_steps_with_their_labels(prm):
+    model, tok = prm
+    full = encode_steps(tok, PROMPT, STEPS, model.sep_id, max_length=256)
+    cut = full["positions"][1] + 1  # room for steps 1-2 only
+    enc = encode_steps(tok, PROMPT, STEPS, model.sep_id, max_length=cut, labels=[[1, 1], [2, 2], [3, 3]])
+    assert enc["positions"] == full["positions"][:2] and enc["labels"] == [[1, 1], [2, 2]] and enc["n_steps"] == 3
+    assert len(enc["input_ids"]) <= cut
+
+
+def test_missing_labels_are_masked_not_zero():
+    pred = torch.tensor([[[0.2, 2.0], [0.4, -1.0]]], requires_grad=True)
+    labels = torch.tensor([[[1.0, float("nan")], [float("nan"), 0.0]]])
+    losses = masked_step_losses(pred, labels, ["soft", "hard"])
+    assert losses[0].item() == pytest.approx((0.2 - 1.0) ** 2)  # only the labelled step
+    assert losses[1].item() == pytest.approx(-math.log(1 - torch.sigmoid(torch.tensor(-1.0)).item()))
+    combine(losses, [1.0, 1.0]).backward()
+    assert pred.grad[0, 1, 0] == 0 and pred.grad[0, 0, 1] == 0  # masked steps get no gradient
+    assert masked_step_losses(pred, torch.full_like(labels, float("nan")), ["soft", "hard"]) == {}
+
+
+def test_losses_against_hand_computed_values():
+    pred = torch.tensor([[[0.5], [0.9]]])
+    assert masked_step_losses(pred, torch.tensor([[[1.0], [0.0]]]), ["soft"])[0].item() == pytest.approx(
+        ((0.5 - 1) ** 2 + 0.9 ** 2) / 2)
+    p = torch.tensor([[[2.0]]])
+    bce = -math.log(1 / (1 + math.exp(-2.0)))
+    assert masked_step_losses(p, torch.tensor([[[1.0]]]), ["hard"])[0].item() == pytest.approx(bce)
+    r = torch.tensor([1.5, 0.5, -0.5])
+    pairs = torch.tensor(outcome_pairs(["a", "a", "a"], [1.0, 0.5, 0.0]))
+    assert pairs.tolist() == [[0, 1], [0, 2], [1, 2]]
+    expected = -sum(math.log(1 / (1 + math.exp(-(r[w] - r[l]).item()))) for w, l in pairs.tolist()) / 3
+    assert bradley_terry(r, pairs).item() == pytest.approx(expected)
+    assert outcome_pairs(["a", "b"], [1.0, 0.0]) == []  # only responses to the same prompt pair up
+
+
+def test_multi_objective_batch_and_weights(prm):
+    model, tok = prm
+    rows = [encode_steps(tok, PROMPT, STEPS, model.sep_id, 256, labels=[[0.5, None]] * 3),
+            encode_steps(tok, PROMPT, STEPS[:2], model.sep_id, 256, labels=[[None, 1.0]] * 2)]
+    width, n = max(len(r["input_ids"]) for r in rows), max(len(r["positions"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    att = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+    pos = torch.tensor([r["positions"] + [0] * (n - len(r["positions"])) for r in rows])
+    smask = torch.tensor([[1.0] * len(r["positions"]) + [0.0] * (n - len(r["positions"])) for r in rows])
+    lab = torch.tensor([r["labels"] + [[float("nan")] * 2] * (n - len(r["labels"])) for r in rows])
+    out = model.step_rewards(ids, att, pos, smask)
+    assert out.shape == (2, 3, 2)
+    losses = masked_step_losses(out, lab, ["soft", "hard"])
+    assert set(losses) == {0, 1}  # one row per objective, both trained in one batch
+    total = combine(losses, [2.0, 1.0])
+    assert total.item() == pytest.approx((2 * losses[0].item() + losses[1].item()) / 3)
+    total.backward()
+    assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip(prm, tmp_path):
+    model, tok = prm
+    with torch.no_grad():
+        model.head.bias.fill_(0.25)
+    model.save(tmp_path / "prm", tokenizer=tok)
+    again, tok2 = VectorPRM.load(tmp_path / "prm")
+    assert again.objectives == ["accuracy", "engagement"] and again.label_kinds["engagement"] == "hard"
+    enc = encode_steps(tok2, PROMPT, STEPS, again.sep_id, 256)
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), again(ids), atol=1e-6)
