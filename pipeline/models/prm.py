@@ -74,16 +74,21 @@ class VectorPRM(nn.Module):
     def config(self):  # DeepSpeed and the harness look for .config
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards at every position, [batch, seq, n_objectives] (raw: values / logits)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, step_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (raw: values / logits). Without `positions`: at every position,
+        [batch, seq, n_objectives]; with them: at the SEP positions, [batch, max_steps, n_objectives]
+        (padding steps are zeros; `step_mask` marks the real ones)."""
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(h.to(self.head.weight.dtype))
+        out = self.head(h.to(self.head.weight.dtype))
+        if positions is None:
+            return out
+        idx = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, out.shape[-1])
+        steps = out.gather(1, idx)
+        return steps if step_mask is None else steps * step_mask.unsqueeze(-1)
 
     def step_rewards(self, input_ids, attention_mask, positions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, max_steps, n_objectives] at the SEP positions (padding steps: zeros, see step_mask)."""
-        out = self(input_ids, attention_mask)
-        idx = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, out.shape[-1])
-        return out.gather(1, idx) * step_mask.unsqueeze(-1)
+        return self(input_ids, attention_mask, positions, step_mask)
 
     def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         from safetensors.torch import save_file

@@ -1,0 +1,125 @@
+"""Training the vectorized PRM on stepwise shards, through the shared harness.
+
+Rows of one response (same prompt and steps) for different objectives merge into
+one example with a label vector per step, so one forward pass trains every
+objective that response has labels for; a missing label is NaN and masked. The
+loss follows each objective's label kind (pipeline.train.prm_losses), weighted
+per objective.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.models.prm import DEFAULT_SEPARATOR, VectorPRM, build_prm, encode_steps
+from pipeline.train.prm_losses import bradley_terry, combine, masked_step_losses, outcome_pairs
+from pipeline.train.harness import TrainSpec
+
+
+def merge_stepwise(rows: list[dict], objectives: list[str]) -> list[dict]:
+    """One example per (prompt, steps), with labels [steps][objectives] (None where missing)."""
+    index = {o: j for j, o in enumerate(objectives)}
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["objective"] not in index:
+            raise ValueError(f"row {r['id']}: objective {r['objective']!r} is not one of the PRM's {objectives}")
+        key = json.dumps([r["prompt"], r["completions"]])
+        ex = out.setdefault(key, {"prompt": r["prompt"], "completions": r["completions"],
+                                  "labels": [[None] * len(objectives) for _ in r["completions"]],
+                                  "prompt_key": json.dumps(r["prompt"])})
+        for t, x in enumerate(r["labels"]):
+            ex["labels"][t][index[r["objective"]]] = x
+    return list(out.values())
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str, separator: str):
+    from pipeline.models.checkpoint import load_tokenizer
+    from pipeline.models.prm import add_separator
+
+    tok = load_tokenizer(model_dir)
+    return tok, add_separator(tok, separator)
+
+
+def tokenize_prm(batch: pa.Table, model_dir: str, separator: str, max_length: int) -> pa.Table:
+    tok, sep = _tokenizer(model_dir, separator)
+    enc = [encode_steps(tok, r["prompt"], r["completions"], sep, max_length, r["labels"]) for r in batch.to_pylist()]
+    keys = batch.column("prompt_key").to_pylist()
+    return pa.table({
+        "input_ids": pa.array([e["input_ids"] for e in enc], pa.list_(pa.int32())),
+        "positions": pa.array([e["positions"] for e in enc], pa.list_(pa.int32())),
+        "labels": pa.array([[x for row in e["labels"] for x in row] for e in enc], pa.list_(pa.float32())),
+        # hashlib, not hash(): str hashes are salted per process, and workers must agree
+        "prompt_hash": pa.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=7).digest(), "little")
+                                 for k in keys], pa.int64()),
+    })
+
+
+class PRMCollate:
+    def __init__(self, pad_id: int, n_objectives: int):
+        self.pad_id, self.n = pad_id, n_objectives
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids, pos = batch["input_ids"], batch["positions"]
+        width, steps = max(len(x) for x in ids), max(1, max(len(p) for p in pos))
+        b = len(ids)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        att = torch.zeros((b, width), dtype=torch.long)
+        positions = torch.zeros((b, steps), dtype=torch.long)
+        step_mask = torch.zeros((b, steps))
+        labels = torch.full((b, steps, self.n), float("nan"))
+        for i in range(b):
+            input_ids[i, : len(ids[i])] = torch.as_tensor(np.array(ids[i]))
+            att[i, : len(ids[i])] = 1
+            k = len(pos[i])
+            positions[i, :k] = torch.as_tensor(np.array(pos[i]))
+            step_mask[i, :k] = 1
+            if k:
+                labels[i, :k] = torch.as_tensor(np.asarray(batch["labels"][i], dtype=np.float32)).view(k, self.n)
+        return {"input_ids": input_ids, "attention_mask": att, "positions": positions, "step_mask": step_mask,
+                "labels": labels, "prompt_hash": torch.as_tensor(np.asarray(batch["prompt_hash"], dtype=np.int64))}
+
+
+def prm_loss(model, batch, objectives: list[str], kinds: list[str], weights: list[float]):
+    pred = model(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["step_mask"])
+    losses = masked_step_losses(pred, batch["labels"], kinds)
+    n_steps = batch["step_mask"].sum(1).long()
+    last = (n_steps - 1).clamp(min=0)
+    for j, kind in enumerate(kinds):
+        if kind != "outcome":
+            continue
+        rows = torch.arange(pred.shape[0], device=pred.device)
+        scores = batch["labels"][rows, last, j].tolist()
+        pairs = outcome_pairs(batch["prompt_hash"].tolist(), [None if math.isnan(s) else s for s in scores])
+        if pairs:
+            losses[j] = bradley_terry(pred[rows, last, j].float(), torch.tensor(pairs, device=pred.device))
+    metrics = {f"loss/{objectives[j]}": v.detach() for j, v in losses.items()}
+    return combine(losses, weights), metrics
+
+
+def export_prm(module: VectorPRM, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
+    tok, _ = _tokenizer(tokenizer_dir, module.separator)
+    module.save(out_dir, tokenizer=tok, state_dict=state_dict)
+
+
+def _build(model_dir, objectives, kinds, separator):
+    return build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator)[0]
+
+
+def build_spec(model_dir: str, objectives: list[str], kinds: list[str], weights: list[float] | None = None,
+               separator: str = DEFAULT_SEPARATOR) -> TrainSpec:
+    tok, _ = _tokenizer(model_dir, separator)
+    return TrainSpec(
+        build_model=functools.partial(_build, model_dir, objectives, kinds, separator),
+        collate=PRMCollate(tok.pad_token_id, len(objectives)),
+        loss=functools.partial(prm_loss, objectives=objectives, kinds=kinds, weights=weights or [1.0] * len(objectives)),
+        export=functools.partial(export_prm, tokenizer_dir=model_dir),
+        params={"model": model_dir, "objectives": objectives, "kinds": kinds},
+    )
