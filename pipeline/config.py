@@ -91,6 +91,10 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-failure restarts within a run (-1: forever)
     gradient_checkpointing: bool = False
+    # Keep a copy of the model with the best held-out value of this metric (e.g. "eval/loss") in
+    # <export dir>_best; each evaluation (at every checkpoint) may replace it.
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"
     # Where Ray Train keeps checkpoints: a local path, NFS or a cloud URI (s3://...).
     storage_path: str = "runs/ray"
     # Raw DeepSpeed config keys merged over ours (the user's values win).
@@ -224,6 +228,22 @@ class LabelJobConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     out_dir: str = "runs/labels"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class PRMJobConfig(Strict):
+    """Fit the vectorized PRM on stepwise shards (jobs.fit_prm)."""
+
+    run_name: str = "prm"
+    output_dir: str = "runs/prm"  # model/ (the last), model_best/ (train.best_metric), logs/
+    model: ModelConfig = Field(default_factory=ModelConfig)  # the backbone
+    data: DataConfig = Field(default_factory=DataConfig)  # stepwise shards; eval_fraction holds prompts out
+    objectives: list[str] = Field(default_factory=list)  # head order; empty: every objective in the data
+    outcome_objectives: list[str] = Field(default_factory=list)  # trained Bradley-Terry on final labels
+    loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective, default 1
+    separator: str = "<|step|>"
+    max_length: int = Field(1024, ge=16)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

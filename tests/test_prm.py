@@ -95,38 +95,63 @@ def test_save_load_round_trip(prm, tmp_path):
         assert torch.allclose(model(ids), again(ids), atol=1e-6)
 
 
-def test_prm_trains_on_the_harness(tmp_path, ray_session, tiny_model_dir):
-    """Two objectives (soft + hard) from separate stepwise rows, merged per response, on 2 workers
-    under ZeRO-2: the loss falls and the exported PRM loads and scores."""
+def test_metrics_against_hand_computed_values():
+    import numpy as np
+
+    from pipeline.train.prm_metrics import auroc, objective_metrics
+
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)  # ties count half
+    assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+    m = objective_metrics("soft", np.array([0.1, 0.9, 5.0]), np.array([0.0, 1.0, float("nan")]))
+    assert m["mse"] == pytest.approx(0.01) and m["mse_mean_baseline"] == pytest.approx(0.25) and m["n"] == 2
+    h = objective_metrics("hard", np.array([2.0, -1.0, 0.5]), np.array([1.0, 0.0, 0.0]))
+    assert h["step_accuracy"] == pytest.approx(2 / 3) and h["auroc"] == 1.0
+    o = objective_metrics("outcome", np.array([3.0, 1.0, 2.0, 0.0]), np.array([1.0, 0.0, 0.0, 1.0]), np.array([7, 7, 9, 9]))
+    assert o["pairwise_accuracy"] == 0.5 and o["n"] == 2
+
+
+def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
+    """jobs.fit_prm on stepwise shards with two objectives (soft + hard, separate rows merged per
+    response) on 2 workers under ZeRO-2: the loss falls, held-out metrics per objective, the best
+    model kept; then the batch scorer and score() agree."""
     import pyarrow as pa
 
-    from pipeline.config import TrainConfig
-    from pipeline.train.harness import fit, read_metrics
-    from pipeline.train.prm import build_spec, merge_stepwise, tokenize_prm
+    from jobs.fit_prm import main
+    from pipeline.data import write_records
+    from pipeline.models.prm import PRMScorer
+    from pipeline.train.harness import read_metrics
+    from pipeline.train.prm import merge_stepwise
 
     rows = []
-    for i in range(8):
+    for i in range(24):
         steps = [f"{i} + 1 = {i + 1}.", f"{i + 1} + 1 = {i + 2}.", f"The answer is {i + 2}."]
         p = [{"role": "user", "content": f"What is {i} + 2?"}]
         rows.append({"id": f"a{i}", "prompt": p, "completions": steps, "objective": "accuracy",
-                     "labels": [0.2, 0.6, 1.0], "label_kind": "soft"})
+                     "labels": [0.2, 0.6, 1.0], "label_kind": "soft", "rollouts_per_step": 4})
         rows.append({"id": f"e{i}", "prompt": p, "completions": steps, "objective": "engagement",
-                     "labels": [1.0, None, 0.0], "label_kind": "hard"})
-    examples = merge_stepwise(rows, ["accuracy", "engagement"])
-    assert len(examples) == 8 and examples[0]["labels"][1] == [0.6, None]
-    ds = ray_session.data.from_arrow(pa.Table.from_pylist(examples * 2)).map_batches(
-        tokenize_prm, fn_kwargs={"model_dir": tiny_model_dir, "separator": "<|step|>", "max_length": 128},
-        batch_format="pyarrow")
-    cfg = TrainConfig(num_workers=2, micro_batch_size=4, lr=5e-4, max_steps=12, epochs=20, checkpoint_every=12,
-                      storage_path=str(tmp_path / "ray"), tracker={"kind": "none"})
-    res = fit(build_spec(tiny_model_dir, ["accuracy", "engagement"], ["soft", "hard"]), cfg, {"train": ds},
-              run_name="prm", num_train_rows=16, log_dir=str(tmp_path / "logs"), export_dir=str(tmp_path / "prm"))
-    losses = [m["loss"] for m in read_metrics(res.log_dir)]
+                     "labels": [1.0, None, float(i % 2)], "label_kind": "hard", "rollouts_per_step": 4})
+    assert merge_stepwise(rows[:2], ["accuracy", "engagement"])[0]["labels"][1] == [0.6, None]
+    write_records(rows[:24], tmp_path / "labels" / "part-0.parquet", "stepwise")
+    write_records(rows[24:], tmp_path / "labels" / "part-1.parquet", "stepwise")
+    res = main(["--model.name_or_path", tiny_model_dir, "--data.paths", f"[{tmp_path / 'labels'}]",
+                "--data.eval_fraction", "0.25", "--output_dir", str(tmp_path / "prm"),
+                "--train.storage_path", str(tmp_path / "ray"), "--train.num_workers", "2", "--train.lr", "5e-4",
+                "--train.micro_batch_size", "2", "--train.max_steps", "12", "--train.epochs", "20",
+                "--train.checkpoint_every", "6", "--train.tracker.kind", "none",
+                "--train.best_metric", "eval/accuracy/mse"])
+    losses = [m["loss"] for m in read_metrics(str(tmp_path / "prm" / "logs"))]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    assert "loss/engagement" in read_metrics(res.log_dir)[0]
-    model, tok = VectorPRM.load(tmp_path / "prm")
-    enc = encode_steps(tok, [{"role": "user", "content": "What is 3 + 2?"}], ["3 + 1 = 4.", "4 + 1 = 5."],
-                       model.sep_id, 128)
-    with torch.no_grad():
-        out = model(torch.tensor([enc["input_ids"]]), positions=torch.tensor([enc["positions"]]))
-    assert out.shape == (1, 2, 2) and torch.isfinite(out).all()
+    assert {"eval/accuracy/mse", "eval/accuracy/mse_mean_baseline", "eval/engagement/auroc",
+            "eval/engagement/step_accuracy"} <= set(res.metrics)
+    assert (tmp_path / "prm" / "model_best" / "prm_head.safetensors").exists()
+
+    model, tok = VectorPRM.load(tmp_path / "prm" / "model")
+    table = pa.Table.from_pylist([{"prompt": r["prompt"], "steps": r["completions"]} for r in rows[:4:2]])
+    scored = PRMScorer(str(tmp_path / "prm" / "model"))(table)
+    direct = model.score(tok, rows[0]["prompt"], rows[0]["completions"])
+    assert direct.shape == (3, 2)
+    assert torch.allclose(torch.tensor(scored.column("step_rewards").to_pylist()[0]), direct, atol=1e-4)
+    ds = ray_session.data.from_arrow(table).map_batches(PRMScorer, fn_constructor_kwargs={"prm_dir": str(tmp_path / "prm" / "model")},
+                                                        batch_format="pyarrow", concurrency=1)
+    assert [len(r["step_rewards"]) for r in ds.take_all()] == [3, 3]

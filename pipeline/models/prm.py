@@ -90,6 +90,17 @@ class VectorPRM(nn.Module):
     def step_rewards(self, input_ids, attention_mask, positions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
         return self(input_ids, attention_mask, positions, step_mask)
 
+    @torch.no_grad()
+    def score(self, tokenizer, prompt: list[dict], steps: list[str], max_length: int = 4096) -> torch.Tensor:
+        """[n_steps, n_objectives] rewards of one response, in process (steps cut by truncation: NaN)."""
+        enc = encode_steps(tokenizer, prompt, steps, self.sep_id, max_length)
+        dev = next(self.parameters()).device
+        out = torch.full((len(steps), len(self.objectives)), float("nan"))
+        if enc["positions"]:
+            r = self(torch.tensor([enc["input_ids"]], device=dev), positions=torch.tensor([enc["positions"]], device=dev))
+            out[: len(enc["positions"])] = r[0].float().cpu()
+        return out
+
     def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         from safetensors.torch import save_file
 
@@ -138,3 +149,23 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
     if unknown := set(label_kinds.values()) - {"soft", "hard", "outcome"}:
         raise ValueError(f"unknown label kinds {unknown}; use soft, hard or outcome")
     return VectorPRM(backbone, objectives, label_kinds, separator, sep_id), tok
+
+
+class PRMScorer:
+    """A Ray Data batch scorer: `ds.map_batches(PRMScorer, fn_constructor_kwargs={"prm_dir": d}, concurrency=n)`.
+    Adds `step_rewards` (list per step of one reward per objective, in head order) to rows with
+    `prompt` and `steps` (trajectories) or `completions` (stepwise records)."""
+
+    def __init__(self, prm_dir: str, max_length: int = 4096, device: str | None = None):
+        self.model, self.tok = VectorPRM.load(prm_dir)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.max_length = max_length
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        col = "steps" if "steps" in batch.column_names else "completions"
+        rewards = [self.model.score(self.tok, p, s, self.max_length).tolist()
+                   for p, s in zip(batch.column("prompt").to_pylist(), batch.column(col).to_pylist())]
+        return batch.append_column("step_rewards", pa.array(rewards, pa.list_(pa.list_(pa.float32()))))

@@ -50,6 +50,9 @@ class TrainSpec:
     loss: Callable[[Any, Batch], tuple[torch.Tensor, dict[str, Any]]]
     # (module, full state dict, out_dir) on rank 0 at the end; None: no export.
     export: Callable[[torch.nn.Module, dict, str], None] | None = None
+    # (model, eval shard, micro_batch_size) -> metrics, on every worker (they must agree); None:
+    # the loss's metrics averaged over batches and workers.
+    evaluate: Callable[[Any, Any, int], dict[str, float]] | None = None
     params: dict = field(default_factory=dict)  # logged to the tracker
 
 
@@ -124,6 +127,11 @@ def _to_device(batch: Batch, device) -> Batch:
 
 def _evaluate(engine, spec: TrainSpec, shard, cfg: TrainConfig) -> dict[str, float]:
     engine.eval()
+    if spec.evaluate is not None:
+        with torch.no_grad():
+            metrics = spec.evaluate(engine, shard, cfg.micro_batch_size)
+        engine.train()
+        return {f"eval/{k}": v for k, v in metrics.items()}
     avg = _Averager()
     with torch.no_grad():
         for np_batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy", drop_last=False):
@@ -188,9 +196,23 @@ def _train_loop(config: dict) -> None:
     step, last_metrics = state["step"], {}
     avg, t0 = _Averager(), time.time()
 
+    best = {"value": None}
+
+    def export(out_dir: str) -> None:
+        # Every rank takes part in gathering ZeRO-3 partitions; rank 0 writes.
+        sd = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
+        if rank == 0:
+            spec.export(engine.module, sd, out_dir)
+            _say(f"[train] exported to {out_dir}")
+
     def save_and_report(metrics: dict, micro_in_epoch: int, epoch: int) -> None:
         if eval_shard is not None:
             metrics.update(_evaluate(engine, spec, eval_shard, cfg))
+            v = metrics.get(cfg.best_metric) if cfg.best_metric else None
+            if v is not None and config["export_dir"] and spec.export is not None and math.isfinite(v) and (
+                    best["value"] is None or (v < best["value"] if cfg.best_mode == "min" else v > best["value"])):
+                best["value"] = v
+                export(config["export_dir"] + "_best")
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds")
             if rank == 0:
@@ -243,11 +265,7 @@ def _train_loop(config: dict) -> None:
         raise RuntimeError("no optimizer step ran: the data shard was empty")
 
     if config["export_dir"] and spec.export is not None:
-        # Every rank takes part in gathering ZeRO-3 partitions; rank 0 writes.
-        sd = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
-        if rank == 0:
-            spec.export(engine.module, sd, config["export_dir"])
-            _say(f"[train] exported to {config['export_dir']}")
+        export(config["export_dir"])
     if bar:
         bar.close()
     if rank == 0:

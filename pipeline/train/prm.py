@@ -20,7 +20,7 @@ import torch
 
 from pipeline.models.prm import DEFAULT_SEPARATOR, VectorPRM, build_prm, encode_steps
 from pipeline.train.prm_losses import bradley_terry, combine, masked_step_losses, outcome_pairs
-from pipeline.train.harness import TrainSpec
+from pipeline.train.harness import FitResult, TrainSpec
 
 
 def merge_stepwise(rows: list[dict], objectives: list[str]) -> list[dict]:
@@ -123,3 +123,75 @@ def build_spec(model_dir: str, objectives: list[str], kinds: list[str], weights:
         export=functools.partial(export_prm, tokenizer_dir=model_dir),
         params={"model": model_dir, "objectives": objectives, "kinds": kinds},
     )
+
+
+def prm_evaluate(model, shard, micro_batch_size: int, objectives: list[str], kinds: list[str], collate) -> dict:
+    """Per-objective held-out metrics over the whole eval set (predictions gathered from every worker)."""
+    import torch.distributed as dist
+
+    from pipeline.train.prm_metrics import objective_metrics
+
+    preds, labels, groups = [], [], []
+    for np_batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=False):
+        b = collate(np_batch)
+        dev = {k: v.to(model.device) for k, v in b.items()}
+        out = model(dev["input_ids"], dev["attention_mask"], dev["positions"], dev["step_mask"])
+        mask = b["step_mask"] > 0
+        preds.append(out.float().cpu()[mask].numpy())
+        labels.append(b["labels"][mask].numpy())
+        groups.append(b["prompt_hash"].unsqueeze(1).expand_as(b["step_mask"])[mask].numpy())
+    local = [np.concatenate(x) if x else np.zeros((0, len(objectives))) for x in (preds, labels)]
+    local.append(np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64))
+    parts = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    p, y, g = (np.concatenate([part[i] for part in parts]) for i in range(3))
+    out = {}
+    for j, (name, kind) in enumerate(zip(objectives, kinds)):
+        for k, v in objective_metrics(kind, p[:, j], y[:, j], g).items():
+            out[f"{name}/{k}"] = float(v)
+    return out
+
+
+def run_fit_prm(cfg) -> FitResult:
+    """Fit the vectorized PRM on stepwise shards (pipeline.config.PRMJobConfig)."""
+    import ray
+
+    from pipeline.data.io import read_records
+    from pipeline.models.registry import resolve_model
+    from pipeline.train.harness import fit
+
+    model_dir = resolve_model(cfg.model.name_or_path)
+    table, report = read_records(cfg.data.paths, "stepwise", defaults=cfg.data.defaults,
+                                 skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=cfg.data.quarantine_dir)
+    rows = table.to_pylist()
+    objectives = cfg.objectives or sorted({r["objective"] for r in rows})
+    rows = [r for r in rows if r["objective"] in objectives] if cfg.objectives else rows
+    kinds = []
+    for o in objectives:
+        seen = {r["label_kind"] for r in rows if r["objective"] == o}
+        if not seen:
+            raise ValueError(f"objective {o!r} has no rows in {cfg.data.paths}")
+        if len(seen) > 1 and o not in cfg.outcome_objectives:
+            raise ValueError(f"objective {o!r} mixes label kinds {sorted(seen)}; label it one way")
+        kinds.append("outcome" if o in cfg.outcome_objectives else seen.pop())
+    examples = merge_stepwise(rows, objectives)
+    # Held-out by prompt, so no prompt is in both sets.
+    def held(ex):
+        h = int.from_bytes(hashlib.blake2b(ex["prompt_key"].encode(), digest_size=4).digest(), "little")
+        return h % 10_000 < cfg.data.eval_fraction * 10_000
+    train = [e for e in examples if not held(e)]
+    evals = [e for e in examples if held(e)]
+    tok_kw = {"model_dir": model_dir, "separator": cfg.separator, "max_length": cfg.max_length}
+    datasets = {"train": ray.data.from_arrow(pa.Table.from_pylist(train)).map_batches(tokenize_prm, fn_kwargs=tok_kw,
+                                                                                     batch_format="pyarrow")}
+    if evals:
+        datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(evals)).map_batches(
+            tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
+    weights = [cfg.loss_weights.get(o, 1.0) for o in objectives]
+    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator)
+    spec.evaluate = functools.partial(prm_evaluate, objectives=objectives, kinds=kinds, collate=spec.collate)
+    out = cfg.output_dir
+    return fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train), log_dir=f"{out}/logs",
+               export_dir=f"{out}/model")
