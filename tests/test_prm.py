@@ -155,3 +155,27 @@ def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     ds = ray_session.data.from_arrow(table).map_batches(PRMScorer, fn_constructor_kwargs={"prm_dir": str(tmp_path / "prm" / "model")},
                                                         batch_format="pyarrow", concurrency=1)
     assert [len(r["step_rewards"]) for r in ds.take_all()] == [3, 3]
+
+
+def test_external_placeholder_prm_wraps_as_one_objective(tmp_path, tiny_model_dir):
+    """A stand-in for Qwen2.5-Math-PRM (no hub here): a token-classification model whose
+    tokenizer has "<extra_0>"; scores are read at the placeholders as P(class 1)."""
+    from transformers import AutoConfig, LlamaForTokenClassification
+
+    from pipeline.models import load_tokenizer
+    from pipeline.models.prm import ExternalPRM, add_separator
+
+    tok = load_tokenizer(tiny_model_dir)
+    add_separator(tok, "<extra_0>")
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.num_labels, cfg.vocab_size = 2, len(tok)
+    cfg.architectures = ["LlamaForTokenClassification"]
+    torch.manual_seed(0)
+    LlamaForTokenClassification(cfg).save_pretrained(tmp_path / "ext")
+    tok.save_pretrained(tmp_path / "ext")
+    ext = ExternalPRM(str(tmp_path / "ext"))
+    assert type(ext.model).__name__ == "LlamaForTokenClassification"
+    s = ext.score(PROMPT, STEPS)
+    assert s.shape == (3,) and ((s > 0) & (s < 1)).all()
+    assert torch.isnan(ext.score(PROMPT, STEPS, max_length=len(tok(tok.apply_chat_template(
+        PROMPT, tokenize=False, add_generation_prompt=True))["input_ids"]) + 8)[-1])  # cut step: NaN, not a score

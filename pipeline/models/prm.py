@@ -169,3 +169,49 @@ class PRMScorer:
         rewards = [self.model.score(self.tok, p, s, self.max_length).tolist()
                    for p, s in zip(batch.column("prompt").to_pylist(), batch.column(col).to_pylist())]
         return batch.append_column("step_rewards", pa.array(rewards, pa.list_(pa.list_(pa.float32()))))
+
+
+class ExternalPRM:
+    """Wraps an external PRM that marks steps with a placeholder token (Qwen2.5-Math-PRM's
+    "<extra_0>") as the scorer of one objective: the response is
+    prompt + step_1 PH step_2 PH ..., and each step's score is read from the model's
+    per-token logits at the placeholders: softmax(logits)[index] (`probability`, the
+    Qwen PRM's P(good step)), sigmoid of one logit, or the raw logit."""
+
+    def __init__(self, model_dir: str, placeholder: str = "<extra_0>", score: str = "probability", index: int = 1,
+                 trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        from pipeline.models.checkpoint import check_safetensors
+
+        p = str(check_safetensors(model_dir))
+        self.tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+        archs = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).architectures or []
+        # Token-classification PRMs load as such; remote-code PRMs (Qwen) map AutoModel to their class.
+        auto = "AutoModelForTokenClassification" if any(a.endswith("ForTokenClassification") for a in archs) else "AutoModel"
+        ids = self.tok(placeholder, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{model_dir}: placeholder {placeholder!r} is not one token of its tokenizer")
+        self.sep_id, self.score_kind, self.index = ids[0], score, index
+        self.model = getattr(transformers, auto).from_pretrained(p, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+
+    @torch.no_grad()
+    def score(self, prompt: list[dict], steps: list[str], max_length: int = 4096) -> torch.Tensor:
+        """[n_steps] scores (NaN for steps cut by truncation)."""
+        enc = encode_steps(self.tok, prompt, steps, self.sep_id, max_length)
+        out = torch.full((len(steps),), float("nan"))
+        if not enc["positions"]:
+            return out
+        res = self.model(input_ids=torch.tensor([enc["input_ids"]]))
+        if getattr(res, "logits", None) is None:
+            raise TypeError(f"{type(self.model).__name__} returns no per-token logits; it is not a placeholder PRM")
+        logits = res.logits[0, enc["positions"]].float()
+        if self.score_kind == "probability":
+            vals = logits.softmax(-1)[:, self.index]
+        elif self.score_kind == "sigmoid":
+            vals = logits[:, self.index].sigmoid()
+        else:
+            vals = logits[:, self.index]
+        out[: len(vals)] = vals
+        return out
