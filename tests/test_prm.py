@@ -113,7 +113,8 @@ def test_metrics_against_hand_computed_values():
 
 def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     """jobs.fit_prm on stepwise shards with two objectives (soft + hard, separate rows merged per
-    response) on 2 workers under ZeRO-2: the loss falls, held-out metrics per objective, the best
+    response) on 2 workers under ZeRO-3 (embedding resize and head under zero.Init): the loss falls,
+    held-out metrics per objective, the best
     model kept; then the batch scorer and score() agree."""
     import pyarrow as pa
 
@@ -137,6 +138,7 @@ def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     res = main(["--model.name_or_path", tiny_model_dir, "--data.paths", f"[{tmp_path / 'labels'}]",
                 "--data.eval_fraction", "0.25", "--output_dir", str(tmp_path / "prm"),
                 "--train.storage_path", str(tmp_path / "ray"), "--train.num_workers", "2", "--train.lr", "5e-4",
+                "--train.zero_stage", "3",
                 "--train.micro_batch_size", "2", "--train.max_steps", "12", "--train.epochs", "20",
                 "--train.checkpoint_every", "6", "--train.tracker.kind", "none",
                 "--train.best_metric", "eval/accuracy/mse"])

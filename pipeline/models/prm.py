@@ -66,7 +66,9 @@ class VectorPRM(nn.Module):
         self.objectives, self.label_kinds = list(objectives), dict(label_kinds)
         self.separator, self.sep_id = separator, sep_id
         hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, len(objectives))
+        # Same dtype as the backbone: under ZeRO-3 the backbone comes out of zero.Init already in
+        # the training dtype, and DeepSpeed partitions one dtype only.
+        self.head = nn.Linear(hidden, len(objectives), dtype=backbone.dtype)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
