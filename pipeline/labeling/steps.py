@@ -83,11 +83,22 @@ def mc_votes(engine, objective, trajs: list[dict], mc: MCConfig, sampling: dict,
     return {k: tuple(v) for k, v in votes.items()}, unparseable
 
 
+def _full_scores(objective, trajs, which: list[bool] | None = None) -> list[float | None]:
+    """The objective's score of each whole response (None where `which` says skip)."""
+    idx = [i for i in range(len(trajs)) if which is None or which[i]]
+    scores = objective.score_batch([{"prompt": trajs[i]["prompt"], "response": objective.joiner.join(trajs[i]["steps"]),
+                                     "reference": trajs[i]["reference"], "meta": trajs[i]["meta"]} for i in idx]) if idx else []
+    out: list[float | None] = [None] * len(trajs)
+    for i, v in zip(idx, scores):
+        out[i] = v
+    return out
+
+
 def label_mc(engine, objective, trajs, mc: MCConfig, sampling) -> list[Labelled]:
     rule = None if mc.hard_label == "none" else mc.hard_label
     votes, bad = mc_votes(engine, objective, trajs, mc, sampling, rule)
-    finals = objective.score_batch([{"prompt": tr["prompt"], "response": objective.joiner.join(tr["steps"]),
-                                     "reference": tr["reference"], "meta": tr["meta"]} for tr in trajs])
+    # z: the rollout's recorded outcome; the verifier runs only where none was recorded.
+    finals = _full_scores(objective, trajs, [tr["outcome"] is None for tr in trajs])
     out = []
     for i, (tr, zf) in enumerate(zip(trajs, finals)):
         z = tr["outcome"] if tr["outcome"] is not None else zf
@@ -110,8 +121,7 @@ def label_mc(engine, objective, trajs, mc: MCConfig, sampling) -> list[Labelled]
 
 def label_judge_mc(engine, objective, trajs, mc: MCConfig, sampling) -> list[Labelled]:
     votes, bad = mc_votes(engine, objective, trajs, mc, sampling, "majority")
-    finals = objective.score_batch([{"prompt": tr["prompt"], "response": objective.joiner.join(tr["steps"]),
-                                     "reference": tr["reference"], "meta": tr["meta"]} for tr in trajs])
+    finals = _full_scores(objective, trajs)
     out = []
     for i, (tr, zf) in enumerate(zip(trajs, finals)):
         n = len(tr["steps"])
