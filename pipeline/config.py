@@ -247,6 +247,60 @@ class PRMJobConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class DPOConfig(Strict):
+    beta: float = Field(0.1, gt=0)  # the paper's value in every domain
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO; sigmoid loss only
+    max_length: int = Field(512, ge=8)
+    max_prompt_length: int = Field(256, ge=4)
+    noise_std: float = Field(1e-3, ge=0)  # head init: SFT head + noise_std * N(0, 1), seeded per head
+    seed: int = 0  # head noise, balanced truncation and shuffling
+    loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
+    ref_dtype: Literal["float32", "bfloat16"] = "float32"  # of reference log-probs computed on the fly
+
+
+class PolicyJobConfig(Strict):
+    """Fit the policy on preference shards (jobs.fit_policy): MAH-DPO or a baseline."""
+
+    run_name: str = "policy"
+    output_dir: str = "runs/policy"
+    model: ModelConfig = Field(default_factory=ModelConfig)  # the SFT model: backbone, heads and reference
+    data: DataConfig = Field(default_factory=DataConfig)  # preference shards (with an objective per row)
+    objectives: list[str] = Field(default_factory=list)  # head order; empty: sorted names in the data
+    # mahdpo: one head per objective, balanced batches. single: one head, DPO on the pooled pairs.
+    # soup: one single-head DPO model per objective (merged by weight averaging at use).
+    method: Literal["mahdpo", "single", "soup"] = "mahdpo"
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)  # micro_batch_size: pairs per objective (mahdpo)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class PairsJobConfig(Strict):
+    """Preference pairs per objective (jobs.build_pairs): candidates scored by the PRM, or existing data."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)  # samples candidates; also the reference (SFT)
+    problems: list[str] = Field(default_factory=list)
+    prm: str | None = None  # vectorized PRM checkpoint that scores the candidates
+    n_candidates: int = Field(4, ge=2)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    # How step rewards become one response score, per objective (default `aggregate`).
+    aggregate: Literal["last", "mean", "min"] = "last"
+    aggregate_per_objective: dict[str, Literal["last", "mean", "min"]] = Field(default_factory=dict)
+    # Score these objectives with the task's own verifier / judge instead of the PRM.
+    score_with_objective: list[str] = Field(default_factory=list)
+    min_margin: float = Field(0.1, ge=0)  # chosen_score - rejected_score must reach it
+    # Existing per-objective preference data (TRL formats): {objective: data}.
+    preferences: dict[str, DataConfig] = Field(default_factory=dict)
+    ref_logps: bool = True  # store the SFT model's log-probs in the shards (the trainer then holds no reference)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)  # its max_length / max_prompt_length tokenise the pairs
+    ref_batch_size: int = Field(8, ge=1)
+    ref_num_cpus: float = Field(1, gt=0)
+    ref_num_gpus: float = Field(0, ge=0)
+    out_dir: str = "runs/pairs"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class ScoreTasksConfig(Strict):
     """Per-objective scores of one policy on the held-out built-in tasks (jobs.score_tasks)."""
 

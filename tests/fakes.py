@@ -42,3 +42,23 @@ class FakePolicy:
 def says_good(prompt, response, reference, meta) -> float:
     text = response if isinstance(response, str) else " ".join(m["content"] for m in response)
     return 1.0 if text.rstrip().endswith("good") else 0.0
+
+
+class VariedPolicy:
+    """Candidate k covers k + 1 of the topic's aspects (built-in assistant task), so longer candidates
+    are more thorough and less concise: the two objectives disagree on every pair."""
+
+    def __init__(self, model_dir: str | None = None):
+        pass
+
+    def render(self, prompt: list[dict]) -> str:
+        return prompt[-1]["content"]
+
+    def generate(self, prompts: list[list[dict]], *, n: int = 1, **kw) -> list[list[str]]:
+        from pipeline.tasks.assistant import TOPICS
+
+        out = []
+        for p in prompts:
+            aspects = next((a for t, a in TOPICS.items() if t in p[-1]["content"]), list(TOPICS.values())[0])
+            out.append([" ".join(s for _, s in aspects[: k + 1]) for k in range(n)])
+        return out

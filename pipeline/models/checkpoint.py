@@ -53,8 +53,9 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-    """Save model (safetensors) and tokenizer into `out_dir`, atomically (temp dir + rename)."""
+def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None, extra=None) -> Path:
+    """Save model (safetensors) and tokenizer into `out_dir`, atomically (temp dir + rename).
+    `extra(tmp_dir)` writes any further files before the rename."""
     import os
     import shutil
     import tempfile
@@ -65,6 +66,8 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | No
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

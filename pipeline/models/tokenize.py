@@ -37,3 +37,24 @@ def encode_prompt_completion(tokenizer, prompt: list[dict], completion: str, max
         "labels": [IGNORE] * len(p_ids) + c_ids,
         "truncated": truncated,
     }
+
+
+def encode_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_length: int,
+                max_prompt_length: int) -> dict:
+    """Chosen and rejected sequences (input_ids, labels) sharing one prompt truncation.
+
+    When prompt + the longer response exceeds max_length, the prompt keeps its last
+    max_prompt_length tokens, then both responses are cut to what is left, so both
+    sides of a pair always see the same prompt. The trainer and the cached
+    reference log-probs call this same function.
+    """
+    p_text, c_text = render(tokenizer, prompt, chosen)
+    _, r_text = render(tokenizer, prompt, rejected)
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    p_ids, c_ids, r_ids = enc(p_text), enc(c_text), enc(r_text)
+    truncated = len(p_ids) + max(len(c_ids), len(r_ids)) > max_length
+    if truncated:
+        p_ids = p_ids[-max_prompt_length:]
+        c_ids, r_ids = c_ids[: max_length - len(p_ids)], r_ids[: max_length - len(p_ids)]
+    return {"chosen_ids": p_ids + c_ids, "chosen_labels": [IGNORE] * len(p_ids) + c_ids,
+            "rejected_ids": p_ids + r_ids, "rejected_labels": [IGNORE] * len(p_ids) + r_ids, "truncated": truncated}

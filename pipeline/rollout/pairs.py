@@ -1,0 +1,211 @@
+"""Preference pairs per objective: N candidates per prompt, scored, best against worst.
+
+    candidates  the rollout engine samples n_candidates responses per problem (one
+                assistant turn; for dialogue tasks, the tutor's next turn), split
+                into steps by the task's splitter;
+    scores      the vectorized PRM scores every step of every candidate in one pass
+                per candidate; per objective, step rewards become a response score
+                (`last`, `mean` or `min`); objectives in `score_with_objective` use
+                the task's own verifier or judge instead;
+    pairs       per problem and objective: the best candidate against the worst,
+                kept when the score margin reaches `min_margin`.
+Existing per-objective preference data (TRL formats) joins as it is. Then the
+SFT model's log-probs are added (pipeline.train.ref_logps) unless disabled.
+
+Output: `<out_dir>/pairs-00000.parquet` (preference schema), `_ref_logps.json`, `_summary.json`;
+`_candidates.parquet` keeps the scored candidates, so a rerun skips generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.rollout.episodes import stable_seed
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_SCHEMA = pa.schema([
+    pa.field("problem_id", pa.string()), pa.field("task", pa.string()), pa.field("prompt", pa.string()),
+    pa.field("candidate", pa.int32()), pa.field("response", pa.string()), pa.field("steps", pa.list_(pa.string())),
+])
+
+
+def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict) -> pa.Table:
+    """One row per (problem, candidate); prompts stay JSON so dialogues of any shape fit one column."""
+    from pipeline.rollout.trajectories import family_parts
+
+    rows = batch.to_pylist()
+    out = []
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    for task_name, probs in by_task.items():
+        task, _, split_obj, _, _ = family_parts(task_name)
+        kw = {**sampling, "max_tokens": sampling.get("max_tokens") or task.max_tokens}
+        seed = kw.pop("seed", 0)
+        outs = engine.generate([p["prompt"] for p in probs], n=n, seeds=[stable_seed(seed, p["id"], "pairs") for p in probs], **kw)
+        for p, samples in zip(probs, outs):
+            for k, text in enumerate(samples):
+                text = text.strip()
+                steps = [text] if task.multi_turn else (split_obj.split(text) or [text])
+                out.append({"problem_id": p["id"], "task": task_name, "prompt": json.dumps(p["prompt"]), "candidate": k,
+                            "response": text, "steps": steps})
+    return pa.Table.from_pylist(out, schema=CANDIDATE_SCHEMA)
+
+
+class PRMBatchScorer:
+    """Ray Data UDF: `step_rewards` for candidate rows (prompt as JSON)."""
+
+    def __init__(self, prm_dir: str, max_length: int = 4096):
+        from pipeline.models.prm import PRMScorer
+
+        self.inner = PRMScorer(prm_dir, max_length)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = [json.loads(p) for p in batch.column("prompt").to_pylist()]
+        rewards = [self.inner.model.score(self.inner.tok, p, s, self.inner.max_length).tolist()
+                   for p, s in zip(prompts, batch.column("steps").to_pylist())]
+        return batch.append_column("step_rewards", pa.array(rewards, pa.list_(pa.list_(pa.float32()))))
+
+
+def aggregate(step_scores: list[float], how: str) -> float:
+    x = np.asarray([s for s in step_scores if s == s], dtype=np.float64)  # NaN: a step cut by truncation
+    if len(x) == 0:
+        return float("nan")
+    return float({"last": x[-1], "mean": x.mean(), "min": x.min()}[how])
+
+
+def select_pairs(cands: list[dict], scores: dict[str, list[float]], objectives_of_task: dict[str, list[str]],
+                 min_margin: float) -> tuple[list[dict], dict]:
+    """Best vs worst per (problem, objective) with margin >= min_margin; also counts of what was skipped."""
+    groups = defaultdict(list)
+    for i, c in enumerate(cands):
+        groups[c["problem_id"]].append(i)
+    pairs, skipped = [], defaultdict(int)
+    for pid, idx in groups.items():
+        task = cands[idx[0]]["task"]
+        for o in objectives_of_task[task]:
+            sc = [(scores[o][i], i) for i in idx if scores[o][i] == scores[o][i]]
+            if len(sc) < 2:
+                skipped[f"{o}/unscored"] += 1
+                continue
+            (hi, b), (lo, w) = max(sc), min(sc)
+            if hi - lo < min_margin or cands[b]["response"] == cands[w]["response"]:
+                skipped[f"{o}/margin"] += 1
+                continue
+            pairs.append({"id": f"{pid}-{o}", "prompt": json.loads(cands[b]["prompt"]), "chosen": cands[b]["response"],
+                          "rejected": cands[w]["response"], "objective": o, "chosen_score": hi, "rejected_score": lo,
+                          "ref_chosen_logp": None, "ref_rejected_logp": None})
+    return pairs, dict(skipped)
+
+
+def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: list[str]) -> dict[str, list[float]]:
+    """Scores from the tasks' own verifiers / judges (for objectives in score_with_objective)."""
+    from pipeline.tasks import get_task
+    from pipeline.objectives import build_objectives
+
+    out = {n: [float("nan")] * len(cands) for n in names}
+    by_task = defaultdict(list)
+    for i, c in enumerate(cands):
+        by_task[c["task"]].append(i)
+    for task_name, idx in by_task.items():
+        task = get_task(task_name)
+        objs = build_objectives(task.objectives)
+        for n in names:
+            if n not in objs:
+                continue
+            items = []
+            for i in idx:
+                p = problems[cands[i]["problem_id"]]
+                meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
+                resp = [{"role": "assistant", "content": cands[i]["response"]}] if task.multi_turn else cands[i]["response"]
+                items.append({"prompt": p["prompt"], "response": resp, "reference": p["reference"], "meta": meta})
+            for i, s in zip(idx, objs[n].score_batch(items)):
+                out[n][i] = float("nan") if s is None else float(s)
+    return out
+
+
+def run_build_pairs(cfg) -> dict:
+    import ray
+
+    from pipeline.data.io import read_records, write_records
+    from pipeline.models.registry import resolve_model
+    from pipeline.rollout.stage import map_with_engine
+    from pipeline.tasks import get_task
+    from pipeline.train.ref_logps import RefLogps, write_meta
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(cfg.model.name_or_path)
+    summary: dict = {}
+    pairs: list[dict] = []
+    if cfg.problems:
+        problems_t, _ = read_records(cfg.problems, "problem")
+        problems = {p["id"]: p for p in problems_t.to_pylist()}
+        cand_file = out / "_candidates.parquet"
+        if cand_file.exists():
+            cands_t = pq.read_table(cand_file)
+            log.info("build_pairs: %d candidates from %s (delete it to sample again)", cands_t.num_rows, cand_file)
+        else:
+            ds = map_with_engine(ray.data.from_arrow(problems_t), cfg.engine, model_dir, candidates_batch,
+                                 n=cfg.n_candidates, sampling=cfg.sampling.model_dump())
+            cands_t = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+            if cfg.prm:
+                cands_t = pa.concat_tables(list(ray.data.from_arrow(cands_t).map_batches(
+                    PRMBatchScorer, fn_constructor_kwargs={"prm_dir": cfg.prm}, batch_format="pyarrow", batch_size=16,
+                    concurrency=1, num_cpus=cfg.ref_num_cpus, num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
+            tmp = cand_file.with_suffix(".tmp")
+            pq.write_table(cands_t, tmp)
+            tmp.replace(cand_file)
+        cands = cands_t.to_pylist()
+        objectives_of_task = {t: [o["name"] for o in get_task(t).objectives] for t in {c["task"] for c in cands}}
+        names = sorted({o for os_ in objectives_of_task.values() for o in os_})
+        scores = {}
+        prm_objs: list[str] = []
+        if cfg.prm:
+            prm_objs = json.loads((Path(cfg.prm) / "prm_config.json").read_text())["objectives"]
+        missing = [n for n in names if n not in prm_objs and n not in cfg.score_with_objective]
+        if missing:
+            raise ValueError(f"objective(s) {missing} have no scorer: the PRM ({cfg.prm}) has {prm_objs}; "
+                             "add them to score_with_objective or train the PRM on them")
+        for n in names:
+            if n in cfg.score_with_objective:
+                continue
+            j = prm_objs.index(n)
+            how = cfg.aggregate_per_objective.get(n, cfg.aggregate)
+            scores[n] = [aggregate([s[j] for s in c["step_rewards"]], how) for c in cands]
+        scores.update(score_with_objectives(cands, problems, [n for n in names if n in cfg.score_with_objective]))
+        made, skipped = select_pairs(cands, scores, objectives_of_task, cfg.min_margin)
+        pairs += made
+        summary.update({"candidates": len(cands), "pairs_from_candidates": len(made), "skipped": skipped})
+    for objective, data in cfg.preferences.items():
+        t, _ = read_records(data.paths, "preference", defaults={"objective": objective, **data.defaults},
+                            skip_bad_rows=data.skip_bad_rows, quarantine_dir=data.quarantine_dir, split=data.split)
+        pairs += t.to_pylist()
+        summary[f"pairs_from_data/{objective}"] = t.num_rows
+    if not pairs:
+        raise ValueError("no pairs: give problems (with a prm) or preferences, and check min_margin")
+    table = pa.Table.from_pylist(pairs)
+    if cfg.ref_logps:
+        table = pa.concat_tables(list(ray.data.from_arrow(table).map_batches(
+            RefLogps, fn_constructor_kwargs={"model_dir": model_dir, "max_length": cfg.dpo.max_length,
+                                             "max_prompt_length": cfg.dpo.max_prompt_length,
+                                             "micro_batch_size": cfg.ref_batch_size},
+            batch_format="pyarrow", batch_size=64, concurrency=1, num_cpus=cfg.ref_num_cpus,
+            num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
+    path = write_records(table, out / "pairs-00000.parquet", "preference")
+    if cfg.ref_logps:
+        write_meta(out, model_dir, cfg.dpo.max_length, cfg.dpo.max_prompt_length, "float32")
+    per_obj = defaultdict(int)
+    for p in pairs:
+        per_obj[p["objective"]] += 1
+    summary.update({"pairs": len(pairs), "per_objective": dict(per_obj), "path": str(path)})
+    (out / "_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

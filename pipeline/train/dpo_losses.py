@@ -1,0 +1,50 @@
+"""DPO losses and sequence log-probabilities (shared by MAH-DPO and its single-head baselines).
+
+    h      = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+    sigmoid  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = label_smoothing, cDPO)
+    ipo      (h - 1 / (2 beta))^2
+Rewards (logged) are beta (log pi - log pi_ref) of chosen and rejected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.tokenize import IGNORE
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over labelled (non -100) tokens, one value per row; logits [B, T, V]."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    tgt = labels.clamp(min=0)
+    # log_softmax in float32: bf16 log-probs summed over hundreds of tokens lose the margin.
+    lp = torch.gather(logits.float().log_softmax(-1), 2, tgt.unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0):
+    """Per-pair losses and the (detached) chosen / rejected rewards."""
+    h = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: use one of {LOSS_TYPES}")
+    return loss, beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
+
+
+def per_head_loss(losses: torch.Tensor, heads: torch.Tensor, weights: list[float]) -> tuple[torch.Tensor, dict]:
+    """L = sum_i a_i mean_{pairs of head i} L_pair / sum_i a_i over the heads present (the paper: a_i = 1/H)."""
+    total, norm, present = 0.0, 0.0, {}
+    for i in torch.unique(heads).tolist():
+        m = heads == i
+        present[i] = m
+        total = total + weights[i] * losses[m].mean()
+        norm += weights[i]
+    return total / norm, present

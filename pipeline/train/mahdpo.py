@@ -1,0 +1,268 @@
+"""MAH-DPO and its single-head baselines, through the shared harness.
+
+    L = sum_i a_i * mean_{pairs of objective i} DPO(pair; head i) / sum_i a_i
+
+Each pair trains only its own objective's head (and the shared backbone). Batches
+are balanced: every objective is cut to the size of the smallest (the paper's
+recipe) and each training row is a group of one pair per objective, so every
+micro-batch holds `micro_batch_size` pairs of every objective. Chosen and
+rejected go through one forward pass; each example gets only its own head's
+logits. Reference log-probs come from the preference shards (jobs.build_pairs /
+jobs.ref_logps); where a row lacks them, the worker computes them with the SFT
+model, which is the reference policy of every head.
+
+Methods: `mahdpo` (one head per objective), `single` (one head, DPO on the pooled
+pairs, the same truncated pairs), `soup` (one single-head DPO model per objective;
+`merge_soup` averages their weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.models.multihead import MultiHeadPolicy, load_checked
+from pipeline.models.tokenize import IGNORE, encode_pair
+from pipeline.train.dpo_losses import dpo_loss, per_head_loss, sequence_logps
+from pipeline.train.harness import FitResult, TrainSpec
+
+log = logging.getLogger(__name__)
+REF_META = "_ref_logps.json"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    from pipeline.models.checkpoint import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+def balanced_groups(rows_by_objective: dict[str, list[dict]], objectives: list[str], seed: int) -> list[list[dict]]:
+    """Cut every objective to the smallest one (seeded shuffle), then group one pair of each."""
+    n = min(len(rows_by_objective[o]) for o in objectives)
+    cut = {}
+    for i, o in enumerate(objectives):
+        rows = list(rows_by_objective[o])
+        random.Random(seed + i).shuffle(rows)
+        cut[o] = rows[:n]
+    return [[cut[o][g] for o in objectives] for g in range(n)]
+
+
+def groups_table(groups: list[list[dict]], head_of: dict[str, int], objective_index: dict[str, int]) -> pa.Table:
+    """One row per group; list columns hold the group's pairs."""
+    def col(f):
+        return [[f(r) for r in g] for g in groups]
+
+    def ref(key):
+        return col(lambda r: float("nan") if r.get(key) is None else float(r[key]))
+
+    return pa.table({
+        "head": pa.array(col(lambda r: head_of[r["objective"]]), pa.list_(pa.int32())),
+        "objective_id": pa.array(col(lambda r: objective_index[r["objective"]]), pa.list_(pa.int32())),
+        "prompt": pa.array(col(lambda r: json.dumps(r["prompt"])), pa.list_(pa.string())),
+        "chosen": pa.array(col(lambda r: r["chosen"]), pa.list_(pa.string())),
+        "rejected": pa.array(col(lambda r: r["rejected"]), pa.list_(pa.string())),
+        "ref_chosen": pa.array(ref("ref_chosen_logp"), pa.list_(pa.float32())),
+        "ref_rejected": pa.array(ref("ref_rejected_logp"), pa.list_(pa.float32())),
+    })
+
+
+def tokenize_groups(batch: pa.Table, model_dir: str, max_length: int, max_prompt_length: int) -> pa.Table:
+    tok = _tokenizer(model_dir)
+    cols = {k: [] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")}
+    for ps, cs, rs in zip(*(batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected"))):
+        enc = [encode_pair(tok, json.loads(p), c, r, max_length, max_prompt_length) for p, c, r in zip(ps, cs, rs)]
+        for k in cols:
+            cols[k].append([e[k] for e in enc])
+    out = {k: pa.array(v, pa.list_(pa.list_(pa.int32()))) for k, v in cols.items()}
+    for k in ("head", "objective_id", "ref_chosen", "ref_rejected"):
+        out[k] = batch.column(k)
+    return pa.table(out)
+
+
+class PairCollate:
+    """Flattens groups into [chosen..., rejected...] rows, right-padded."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        flat = lambda k: [x for g in batch[k] for x in g]  # noqa: E731
+        seqs = flat("chosen_ids") + flat("rejected_ids")
+        labs = flat("chosen_labels") + flat("rejected_labels")
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+        att = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, (s, lab) in enumerate(zip(seqs, labs)):
+            ids[i, : len(s)], labels[i, : len(s)], att[i, : len(s)] = s, lab, 1
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "attention_mask": torch.from_numpy(att),
+                "head": torch.tensor(flat("head"), dtype=torch.long),
+                "objective_id": torch.tensor(flat("objective_id"), dtype=torch.long),
+                "ref_chosen": torch.tensor(flat("ref_chosen"), dtype=torch.float32),
+                "ref_rejected": torch.tensor(flat("ref_rejected"), dtype=torch.float32)}
+
+
+@functools.lru_cache(maxsize=1)
+def _reference(model_dir: str, dtype: str, device: str):
+    ref = load_checked(model_dir, dtype).to(device).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def reference_logps(model_dir: str, dtype: str, batch: dict) -> torch.Tensor:
+    ref = _reference(model_dir, dtype, str(batch["input_ids"].device))
+    return sequence_logps(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                          batch["labels"])
+
+
+def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float], beta: float, loss_type: str,
+                label_smoothing: float, ref_model: str, ref_dtype: str):
+    n = batch["head"].numel()
+    heads = batch["head"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], head_ids=torch.cat([heads, heads]))
+    logps = sequence_logps(out.logits, batch["labels"])
+    ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+    if torch.isnan(ref_c).any() or torch.isnan(ref_r).any():
+        r = reference_logps(ref_model, ref_dtype, batch)
+        ref_c, ref_r = r[:n], r[n:]
+    losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, loss_type, label_smoothing)
+    total, _ = per_head_loss(losses, heads, head_weights)
+    metrics = {}
+    for j in torch.unique(batch["objective_id"]).tolist():
+        m = batch["objective_id"] == j
+        o = objectives[j]
+        metrics.update({f"{o}/loss": losses[m].mean().detach(), f"{o}/reward_accuracy": (rc[m] > rr[m]).float().mean(),
+                        f"{o}/margin": (rc[m] - rr[m]).mean(), f"{o}/chosen_reward": rc[m].mean(),
+                        f"{o}/rejected_reward": rr[m].mean()})
+    return total, metrics
+
+
+def export_policy(module: MultiHeadPolicy, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
+    module.save(out_dir, tokenizer=_tokenizer(tokenizer_dir), state_dict=state_dict)
+
+
+def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf16: bool, params: dict | None = None) -> TrainSpec:
+    """heads: the policy's head names; objectives: the names pairs are tagged with (metrics)."""
+    return TrainSpec(
+        build_model=functools.partial(MultiHeadPolicy.from_sft, model_dir, heads, dpo.noise_std, dpo.seed,
+                                      "bfloat16" if bf16 else "float32"),
+        collate=PairCollate(_tokenizer(model_dir).pad_token_id),
+        loss=functools.partial(mahdpo_loss, objectives=objectives,
+                               head_weights=[dpo.loss_weights.get(h, 1.0) for h in heads], beta=dpo.beta,
+                               loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing, ref_model=model_dir,
+                               ref_dtype=dpo.ref_dtype),
+        export=functools.partial(export_policy, tokenizer_dir=model_dir),
+        params=params or {},
+    )
+
+
+def check_ref_meta(paths: list[str], model_dir: str, dpo) -> None:
+    """Cached reference log-probs must come from this SFT model and this tokenisation."""
+    for p in paths:
+        f = Path(p) / REF_META
+        if not f.exists():
+            continue
+        meta = json.loads(f.read_text())
+        want = {"model": str(Path(model_dir).resolve()), "max_length": dpo.max_length,
+                "max_prompt_length": dpo.max_prompt_length}
+        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            raise ValueError(f"{f}: the cached reference log-probs were computed with other settings "
+                             f"{ {k: a for k, (a, _) in bad.items()} } than this run's { {k: b for k, (_, b) in bad.items()} }; "
+                             "recompute them (python -m jobs.ref_logps) or drop the ref_* columns")
+
+
+def _held_out(row: dict, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(json.dumps(row["prompt"]).encode(), digest_size=4).digest(), "little")
+    return h % 10_000 < fraction * 10_000
+
+
+def merge_soup(dirs: list[str], weights: list[float], out_dir: str | None = None) -> MultiHeadPolicy:
+    """DPO soup: the weighted average of single-head policies' parameters (one per objective)."""
+    from pipeline.models.multihead import validate_weights
+
+    w = validate_weights(weights, [str(i) for i in range(len(dirs))])
+    models = [MultiHeadPolicy.load(d) for d in dirs]
+    merged = models[0]
+    states = [m.state_dict() for m in models]
+    with torch.no_grad():
+        avg = {k: sum(wi * s[k].float() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
+    merged.load_state_dict(avg)
+    if out_dir:
+        merged.save(out_dir, tokenizer=_tokenizer(dirs[0]))
+    return merged
+
+
+def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]], held: list[dict], seed: int):
+    """[(name, head names, training groups, objective -> head, eval rows)], one per model to fit."""
+    index = {o: i for i, o in enumerate(objectives)}
+    cut = balanced_groups(by_obj, objectives, seed)
+    if method == "mahdpo":
+        return [("", objectives, cut, index, held)]
+    if method == "single":  # the same pairs, pooled into one head
+        pooled = [[r] for g in cut for r in g]
+        random.Random(seed).shuffle(pooled)
+        return [("", ["pooled"], pooled, {o: 0 for o in objectives}, held)]
+    # soup: one single-head model per objective, on that objective's (cut) pairs
+    return [(o, [o], [[g[i]] for g in cut], {o: 0}, [r for r in held if r["objective"] == o])
+            for i, o in enumerate(objectives)]
+
+
+def run_fit_policy(cfg) -> dict[str, FitResult]:
+    """Fit the policy (pipeline.config.PolicyJobConfig); returns {name: FitResult} (one per soup member)."""
+    import ray
+
+    from pipeline.data.io import read_records
+    from pipeline.models.registry import resolve_model
+    from pipeline.train.harness import fit
+
+    model_dir = resolve_model(cfg.model.name_or_path)
+    check_ref_meta(cfg.data.paths, model_dir, cfg.dpo)
+    table, _ = read_records(cfg.data.paths, "preference", defaults=cfg.data.defaults,
+                            skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=cfg.data.quarantine_dir)
+    rows = table.to_pylist()
+    objectives = cfg.objectives or sorted({r["objective"] for r in rows})
+    by_obj: dict[str, list[dict]] = {o: [] for o in objectives}
+    held: list[dict] = []
+    for r in rows:
+        if r["objective"] not in by_obj:
+            continue
+        (held if cfg.data.eval_fraction and _held_out(r, cfg.data.eval_fraction) else by_obj[r["objective"]]).append(r)
+    empty = [o for o, rs in by_obj.items() if not rs]
+    if empty:
+        raise ValueError(f"no training pairs for objective(s) {empty} in {cfg.data.paths}")
+    index = {o: i for i, o in enumerate(objectives)}
+    tok_kw = {"model_dir": model_dir, "max_length": cfg.dpo.max_length, "max_prompt_length": cfg.dpo.max_prompt_length}
+
+    def dataset(groups, head_of):
+        t = groups_table(groups, head_of, index)
+        return ray.data.from_arrow(t).map_batches(tokenize_groups, fn_kwargs=tok_kw, batch_format="pyarrow")
+
+    runs = plan_runs(cfg.method, objectives, by_obj, held, cfg.dpo.seed)
+    results = {}
+    out = Path(cfg.output_dir)
+    for name, heads, groups, head_of, evals in runs:
+        sub = out / name if name else out
+        datasets = {"train": dataset(groups, head_of)}
+        if evals:
+            datasets["eval"] = dataset([[r] for r in evals], {**{o: head_of.get(o, 0) for o in objectives}})
+        spec = build_spec(model_dir, heads, objectives, cfg.dpo, cfg.train.bf16,
+                          params={"method": cfg.method, "heads": heads, "model": model_dir, **cfg.dpo.model_dump()})
+        log.info("fit_policy[%s%s]: %d groups of %d pair(s), heads %s", cfg.method, f":{name}" if name else "",
+                 len(groups), len(groups[0]), heads)
+        results[name or cfg.method] = fit(spec, cfg.train, datasets, run_name=f"{cfg.run_name}{'-' + name if name else ''}",
+                                          num_train_rows=len(groups), log_dir=str(sub / "logs"),
+                                          export_dir=str(sub / "model"))
+    return results

@@ -1,0 +1,226 @@
+"""MAH-DPO: the multi-head policy, DPO losses, balanced batches, reference log-probs, the trainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.models.multihead import IncompleteCheckpointError, MultiHeadPolicy, load_checked, validate_weights
+from pipeline.train.dpo_losses import dpo_loss, per_head_loss, sequence_logps
+
+
+def test_dpo_losses_against_hand_computed_values():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.5))
+    h = (-10 + 11) - (-12 + 11.5)  # 1.5
+    loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.15)), abs=1e-6)
+    assert cr.item() == pytest.approx(0.1) and rj.item() == pytest.approx(-0.05)
+    ls, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    assert ls.item() == pytest.approx(0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)), abs=1e-6)
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    assert ipo.item() == pytest.approx((h - 5) ** 2, abs=1e-5)
+    # per-head weighting: mean within a head, weighted mean over the heads present
+    total, _ = per_head_loss(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([0, 0, 2]), [1.0, 5.0, 3.0])
+    assert total.item() == pytest.approx((1 * 2 + 3 * 10) / 4)
+
+
+def test_sequence_logps_sum_only_labelled_tokens():
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, -100, 3, 1]])
+    lp = logits.log_softmax(-1)
+    assert sequence_logps(logits, labels).item() == pytest.approx((lp[0, 1, 3] + lp[0, 2, 1]).item(), abs=1e-5)
+
+
+def test_routing_trains_own_head_and_backbone_only(tiny_model_dir):
+    """One step on a pair of objective 1: head 1 and the backbone move, heads 0 and 2 do not."""
+    model = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b", "c"])
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    ids = torch.randint(0, 200, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    lp = sequence_logps(model(ids, head_ids=torch.tensor([1, 1])).logits, labels)
+    loss, _, _ = dpo_loss(lp[:1], lp[1:], torch.zeros(1), torch.zeros(1), beta=0.1)
+    loss.sum().backward()
+    opt.step()
+    heads = model.heads.detach()
+    assert not torch.equal(heads[1], before["heads"][1])
+    assert torch.equal(heads[0], before["heads"][0]) and torch.equal(heads[2], before["heads"][2])
+    moved = [k for k, v in model.named_parameters() if k.startswith("base.") and not torch.equal(v, before[k])]
+    assert any("layers.0" in k for k in moved) and any("embed_tokens" in k for k in moved)
+
+
+def test_heads_start_from_sft_head_with_seeded_noise_and_route_per_example(tiny_model_dir):
+    base = load_checked(tiny_model_dir)
+    sft_head = base.get_output_embeddings().weight.detach()
+    m1 = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b"], noise_std=1e-3, seed=3)
+    m2 = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b"], noise_std=1e-3, seed=3)
+    assert torch.equal(m1.heads, m2.heads)  # seeded
+    d = (m1.heads.detach() - sft_head)
+    assert 0 < float(d.abs().max()) < 6e-3 and float(d.std()) == pytest.approx(1e-3, rel=0.1)
+    assert not torch.equal(m1.heads[0], m1.heads[1])
+    ids = torch.randint(0, 200, (3, 5))
+    routed = m1(ids, head_ids=torch.tensor([1, 0, 1])).logits
+    for i, h in enumerate([1, 0, 1]):
+        assert torch.allclose(routed[i], m1(ids[i:i + 1], head_ids=h).logits[0], atol=1e-5)
+
+
+def test_sft_checkpoint_with_a_missing_weight_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "sft"
+    shutil.copytree(tiny_model_dir, bad)
+    f = next(bad.glob("*.safetensors"))
+    sd = load_file(str(f))
+    dropped = next(k for k in sd if "layers.0.mlp" in k)
+    del sd[dropped]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(IncompleteCheckpointError, match="not loaded"):
+        MultiHeadPolicy.from_sft(bad, ["a", "b"])
+
+
+def test_mixing_equals_merged_head_and_save_load_round_trip(tmp_path, tiny_model_dir):
+    from pipeline.models.checkpoint import load_tokenizer
+
+    model = MultiHeadPolicy.from_sft(tiny_model_dir, ["acc", "eng", "conc"], noise_std=0.05)
+    ids = torch.randint(0, 200, (2, 6))
+    w = [0.5, 0.3, 0.2]
+    mixed = model(ids, weights=torch.tensor([w, w])).logits
+    assert torch.allclose(mixed, model(ids, weights=torch.tensor(w)).logits, atol=1e-4)
+    manual = sum(wi * model(ids, head_ids=i).logits for i, wi in enumerate(w))
+    assert torch.allclose(mixed, manual, atol=1e-4)
+    tok = load_tokenizer(tiny_model_dir)
+    model.export_merged({"acc": 5, "eng": 3, "conc": 2}, tmp_path / "merged", tok)  # dict, normalised
+    plain = load_checked(tmp_path / "merged")
+    assert torch.allclose(plain(ids).logits, mixed, atol=1e-4)
+    model.save(tmp_path / "mh", tok)
+    back = MultiHeadPolicy.load(tmp_path / "mh")
+    assert back.objectives == ["acc", "eng", "conc"]
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="unknown objective"):
+        validate_weights({"fun": 1}, ["acc"])
+    for bad in ([0, 0, 0], [-1, 1, 1], [float("nan"), 1, 1]):
+        with pytest.raises(ValueError):
+            validate_weights(bad, ["a", "b", "c"])
+
+
+def test_balanced_groups_hold_one_pair_per_objective():
+    from pipeline.train.mahdpo import balanced_groups
+
+    rows = {"a": [{"id": f"a{i}", "objective": "a"} for i in range(7)],
+            "b": [{"id": f"b{i}", "objective": "b"} for i in range(3)]}
+    groups = balanced_groups(rows, ["a", "b"], seed=0)
+    assert len(groups) == 3 and all([r["objective"] for r in g] == ["a", "b"] for g in groups)
+    assert len({g[0]["id"] for g in groups}) == 3  # distinct pairs, cut from 7 to 3
+    assert groups == balanced_groups(rows, ["a", "b"], seed=0)
+
+
+def _pairs(n: int):
+    out = []
+    for i in range(n):
+        p = [{"role": "user", "content": f"Say something about {i}."}]
+        out.append({"id": f"x{i}", "prompt": p, "chosen": f"Sure, {i} is good.", "rejected": "no",
+                    "objective": "acc" if i % 2 else "eng"})
+    return out
+
+
+def test_cached_and_on_the_fly_reference_logps_agree(tiny_model_dir):
+    from pipeline.train.mahdpo import PairCollate, _tokenizer, groups_table, reference_logps, tokenize_groups
+    from pipeline.train.ref_logps import RefLogps
+
+    rows = _pairs(4)
+    cached = RefLogps(tiny_model_dir, max_length=24, max_prompt_length=12, micro_batch_size=3).logps(rows)
+    t = tokenize_groups(groups_table([[r] for r in rows], {"acc": 0, "eng": 1}, {"acc": 0, "eng": 1}),
+                        tiny_model_dir, 24, 12)
+    batch = PairCollate(_tokenizer(tiny_model_dir).pad_token_id)(
+        {k: t.column(k).to_pylist() for k in t.column_names})
+    assert torch.isnan(batch["ref_chosen"]).all()  # none cached in these rows
+    fly = reference_logps(tiny_model_dir, "float32", batch)
+    assert torch.allclose(fly[:4], torch.tensor(cached[0]), atol=1e-4)
+    assert torch.allclose(fly[4:], torch.tensor(cached[1]), atol=1e-4)
+
+
+def test_plan_runs_single_pools_the_same_pairs_and_soup_splits_them():
+    from pipeline.train.mahdpo import plan_runs
+
+    by_obj = {"a": [{"id": f"a{i}", "objective": "a"} for i in range(5)],
+              "b": [{"id": f"b{i}", "objective": "b"} for i in range(4)]}
+    (_, heads, groups, head_of, _), = plan_runs("mahdpo", ["a", "b"], by_obj, [], 0)
+    assert heads == ["a", "b"] and len(groups) == 4 and head_of == {"a": 0, "b": 1}
+    (_, heads_s, pooled, head_of_s, _), = plan_runs("single", ["a", "b"], by_obj, [], 0)
+    assert heads_s == ["pooled"] and set(head_of_s.values()) == {0}
+    assert sorted(r["id"] for g in pooled for r in g) == sorted(r["id"] for g in groups for r in g)
+    soup = plan_runs("soup", ["a", "b"], by_obj, [{"id": "h", "objective": "b"}], 0)
+    assert [s[0] for s in soup] == ["a", "b"] and all(len(g) == 1 for s in soup for g in s[2])
+    assert soup[1][4] == [{"id": "h", "objective": "b"}] and soup[0][4] == []
+
+
+@pytest.mark.slow
+def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir):
+    """jobs.build_pairs (a fake policy with candidates of growing length; a PRM scores
+    thoroughness, the task's judge scores concision; reference log-probs cached) then
+    jobs.fit_policy (MAH-DPO, 2 workers, ZeRO-2) on its shards; the exported policy loads."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from jobs.build_pairs import main as build_pairs
+    from jobs.fit_policy import main as fit_policy
+    from pipeline.data import write_records
+    from pipeline.models.checkpoint import load_tokenizer
+    from pipeline.models.prm import build_prm
+    from pipeline.tasks import assistant
+    from pipeline.train.harness import read_metrics
+
+    problems, _ = assistant.generate(24, 0, "train")
+    write_records(problems, tmp_path / "problems.parquet", "problem")
+    prm, tok = build_prm(tiny_model_dir, ["thoroughness"], {"thoroughness": "soft"})
+    prm.save(tmp_path / "prm", tokenizer=tok)
+    summary = build_pairs([
+        "--model.name_or_path", tiny_model_dir, "--problems", f"[{tmp_path / 'problems.parquet'}]",
+        "--prm", str(tmp_path / "prm"), "--score_with_objective", "[concision]", "--min_margin", "0.0",
+        "--n_candidates", "3", "--engine.kind", "callable", "--engine.target", "fakes:VariedPolicy",
+        "--engine.env", "{}", "--engine.engine_args", "{}", "--dpo.max_length", "256", "--dpo.max_prompt_length", "64",
+        "--out_dir", str(tmp_path / "pairs")])
+    assert summary["per_objective"]["concision"] == 24 and summary["per_objective"]["thoroughness"] >= 20
+    rows = pq.read_table(tmp_path / "pairs" / "pairs-00000.parquet").to_pylist()
+    conc = [r for r in rows if r["objective"] == "concision"]
+    assert all(len(r["chosen"]) < len(r["rejected"]) for r in conc)  # the judge prefers the short one
+    assert all(r["ref_chosen_logp"] < 0 and r["ref_rejected_logp"] < 0 for r in rows)
+    assert json.loads((tmp_path / "pairs" / "_ref_logps.json").read_text())["max_length"] == 256
+
+    common = ["--model.name_or_path", tiny_model_dir, "--data.paths", f"[{tmp_path / 'pairs'}]",
+              "--dpo.max_length", "256", "--dpo.max_prompt_length", "64", "--train.storage_path", str(tmp_path / "ray"),
+              "--train.tracker.kind", "none", "--train.lr", "1e-3", "--train.bf16", "false"]
+    res = fit_policy(common + ["--output_dir", str(tmp_path / "policy"), "--data.eval_fraction", "0.2",
+                               "--train.num_workers", "2", "--train.micro_batch_size", "2", "--train.max_steps", "6",
+                               "--train.epochs", "5", "--train.checkpoint_every", "6"])["mahdpo"]
+    logged = read_metrics(str(tmp_path / "policy" / "logs"))
+    assert {"concision/loss", "thoroughness/reward_accuracy", "concision/margin"} <= set(logged[-1])
+    assert "eval/concision/reward_accuracy" in res.metrics
+    policy = MultiHeadPolicy.load(tmp_path / "policy" / "model")
+    assert policy.objectives == ["concision", "thoroughness"]
+    assert not torch.equal(policy.heads[0], policy.heads[1])
+    # The trained heads prefer their own objective's chosen responses (implicit DPO reward margin).
+    from pipeline.train.mahdpo import PairCollate, _tokenizer, groups_table, tokenize_groups
+
+    head_of = {"concision": 0, "thoroughness": 1}
+    t = tokenize_groups(groups_table([[r] for r in rows], head_of, head_of), tiny_model_dir, 256, 64)
+    b = PairCollate(_tokenizer(tiny_model_dir).pad_token_id)({k: t.column(k).to_pylist() for k in t.column_names})
+    with torch.no_grad():
+        lp = sequence_logps(policy(b["input_ids"], b["attention_mask"], head_ids=torch.cat([b["head"], b["head"]])).logits,
+                            b["labels"])
+    n = len(rows)
+    margin = (lp[:n] - b["ref_chosen"]) - (lp[n:] - b["ref_rejected"])
+    assert (margin > 0).float().mean() > 0.7, margin
+    from pipeline.config import DPOConfig
+    from pipeline.train.mahdpo import check_ref_meta
+
+    with pytest.raises(ValueError, match="cached reference log-probs"):
+        check_ref_meta([str(tmp_path / "pairs")], tiny_model_dir, DPOConfig(max_length=128, max_prompt_length=64))
+    load_tokenizer(tmp_path / "policy" / "model")
