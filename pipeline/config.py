@@ -257,6 +257,7 @@ class DPOConfig(Strict):
     seed: int = 0  # head noise, balanced truncation and shuffling
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
     ref_dtype: Literal["float32", "bfloat16"] = "float32"  # of reference log-probs computed on the fly
+    recompute_ref: bool = False  # ignore cached reference log-probs in the data; compute them while training
 
 
 class PolicyJobConfig(Strict):

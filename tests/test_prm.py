@@ -181,3 +181,23 @@ def test_external_placeholder_prm_wraps_as_one_objective(tmp_path, tiny_model_di
     assert s.shape == (3,) and ((s > 0) & (s < 1)).all()
     assert torch.isnan(ext.score(PROMPT, STEPS, max_length=len(tok(tok.apply_chat_template(
         PROMPT, tokenize=False, add_generation_prompt=True))["input_ids"]) + 8)[-1])  # cut step: NaN, not a score
+
+
+def test_micro_batch_without_labels_gives_a_zero_loss_not_a_crash(tiny_model_dir):
+    """Every step cut by max_length (or every label missing): the rank still steps with loss 0."""
+    import numpy as np
+
+    from pipeline.train.prm import build_spec
+
+    spec = build_spec(tiny_model_dir, ["accuracy"], ["hard"])
+    model = spec.build_model()
+    def rows(x):  # one array per row, as Ray Data hands them
+        a = np.empty(1, dtype=object)
+        a[0] = x
+        return a
+
+    batch = {"input_ids": rows(np.arange(5)), "positions": rows(np.array([], dtype=np.int32)),
+             "labels": rows(np.array([], dtype=np.float32)), "prompt_hash": np.array([3])}
+    loss, metrics = spec.loss(model, spec.collate(batch))
+    loss.backward()
+    assert loss.item() == 0.0 and metrics == {}

@@ -99,11 +99,12 @@ class MultiHeadPolicy(nn.Module):
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     def forward(self, input_ids, attention_mask=None, head_ids=None, weights=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0):
+                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None):
         """Logits of each example's routed head (`head_ids`: int or [B]) or of its mix (`weights`: [H] or [B, H])."""
         if (head_ids is None) == (weights is None):
             raise ValueError("pass exactly one of head_ids (training) or weights (mixing)")
-        out = self.hidden(input_ids, attention_mask, past_key_values=past_key_values, use_cache=use_cache)
+        out = self.hidden(input_ids, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
+                          position_ids=position_ids)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

@@ -103,6 +103,25 @@ class VectorPRM(nn.Module):
             out[: len(enc["positions"])] = r[0].float().cpu()
         return out
 
+    @torch.no_grad()
+    def score_last(self, tokenizer, prompt: list[dict], prefix: list[str], candidates: list[str],
+                   max_length: int = 4096) -> torch.Tensor:
+        """[K, n_objectives]: the reward of each candidate as the next step after `prefix`, one padded
+        forward for all K (guided decoding). A candidate cut by max_length scores NaN."""
+        encs = [encode_steps(tokenizer, prompt, prefix + [c], self.sep_id, max_length) for c in candidates]
+        dev = next(self.parameters()).device
+        width = max(len(e["input_ids"]) for e in encs)
+        ids = torch.zeros((len(encs), width), dtype=torch.long)
+        att = torch.zeros((len(encs), width), dtype=torch.long)
+        for i, e in enumerate(encs):
+            ids[i, : len(e["input_ids"])], att[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
+        h = self(ids.to(dev), att.to(dev)).float().cpu()
+        out = torch.full((len(encs), len(self.objectives)), float("nan"))
+        for i, e in enumerate(encs):
+            if len(e["positions"]) == len(prefix) + 1:
+                out[i] = h[i, e["positions"][-1]]
+        return out
+
     def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         from safetensors.torch import save_file
 

@@ -181,7 +181,7 @@ def check_ref_meta(paths: list[str], model_dir: str, dpo) -> None:
         if bad:
             raise ValueError(f"{f}: the cached reference log-probs were computed with other settings "
                              f"{ {k: a for k, (a, _) in bad.items()} } than this run's { {k: b for k, (_, b) in bad.items()} }; "
-                             "recompute them (python -m jobs.ref_logps) or drop the ref_* columns")
+                             "rerun jobs.build_pairs with the same dpo settings, or set dpo.recompute_ref: true")
 
 
 def _held_out(row: dict, fraction: float) -> bool:
@@ -229,10 +229,14 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
     from pipeline.train.harness import fit
 
     model_dir = resolve_model(cfg.model.name_or_path)
-    check_ref_meta(cfg.data.paths, model_dir, cfg.dpo)
+    if not cfg.dpo.recompute_ref:
+        check_ref_meta(cfg.data.paths, model_dir, cfg.dpo)
     table, _ = read_records(cfg.data.paths, "preference", defaults=cfg.data.defaults,
                             skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=cfg.data.quarantine_dir)
     rows = table.to_pylist()
+    if cfg.dpo.recompute_ref:  # ignore cached values: each worker runs the SFT model as the reference
+        for r in rows:
+            r["ref_chosen_logp"] = r["ref_rejected_logp"] = None
     objectives = cfg.objectives or sorted({r["objective"] for r in rows})
     by_obj: dict[str, list[dict]] = {o: [] for o in objectives}
     held: list[dict] = []

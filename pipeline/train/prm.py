@@ -101,6 +101,8 @@ def prm_loss(model, batch, objectives: list[str], kinds: list[str], weights: lis
         if pairs:
             losses[j] = bradley_terry(pred[rows, last, j].float(), torch.tensor(pairs, device=pred.device))
     metrics = {f"loss/{objectives[j]}": v.detach() for j, v in losses.items()}
+    if not losses:  # every step of this micro-batch was cut by max_length: a zero loss keeps ranks in step
+        return pred.sum() * 0.0, metrics
     return combine(losses, weights), metrics
 
 

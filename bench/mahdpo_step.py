@@ -1,0 +1,178 @@
+"""MAH-DPO cost: 3 heads against 1 head, and pairs per second against TRL's DPOTrainer.
+
+    .venv/bin/python bench/mahdpo_step.py [--model smollm2-135m-instruct] [--pairs-per-step 6] [--steps 8]
+    (the TRL side needs bench/setup_trl.sh once; --no-trl skips it)
+
+Pairs: built-in task demonstrations (math, assistant, tutoring), chosen = a
+demonstration, rejected = another prompt's demonstration, tagged with 3 objectives
+in turn. Every side: same model, pairs, micro-batch, max_length, lr, fp32, one
+process, a fresh subprocess each (so ru_maxrss is its own peak):
+  mh3   MultiHeadPolicy, 3 heads, balanced micro-batches, reference log-probs cached
+        (computed once before training by the same code as jobs.build_pairs; timed
+        separately and reported);
+  mh1   the same with 1 head (single-head DPO in our code);
+  trl   trl.DPOTrainer (in .venv-trl), its default: a reference model run every step;
+  trl_pre  trl.DPOTrainer with precompute_ref_log_probs=True (its precompute pass not timed).
+Step times are medians over the steps after --warmup. Prints mh3/mh1 time and
+memory (targets <= 1.10x, <= 1.05x) and our pairs/s over TRL's (target >= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+OBJECTIVES = ["accuracy", "engagement", "concision"]
+
+
+def pairs(n: int) -> list[dict]:
+    from pipeline.tasks import TASKS
+
+    demos = []
+    for t in TASKS.values():
+        demos += t.generate(max(4, n // 3 + 2), 0, "train")[1]
+    demos = [d for d in demos if d.get("completion")]
+    return [{"id": f"p{i}", "prompt": demos[i % len(demos)]["prompt"], "chosen": demos[i % len(demos)]["completion"],
+             "rejected": demos[(i + 7) % len(demos)]["completion"], "objective": OBJECTIVES[i % 3]} for i in range(n)]
+
+
+def run_ours(args, n_heads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from pipeline.config import DPOConfig
+    from pipeline.models.registry import resolve_model
+    from pipeline.train.mahdpo import build_spec, groups_table, tokenize_groups
+    from pipeline.train.ref_logps import RefLogps
+
+    torch.manual_seed(0)
+    model_dir = resolve_model(args.model)
+    rows = pairs(args.pairs_per_step * args.steps)
+    t0 = time.perf_counter()
+    c, r = RefLogps(model_dir, args.max_length, args.max_length // 2, micro_batch_size=args.pairs_per_step).logps(rows)
+    ref_s = time.perf_counter() - t0
+    for row, a, b in zip(rows, c, r):
+        row["ref_chosen_logp"], row["ref_rejected_logp"] = a, b
+    heads = OBJECTIVES[:n_heads]
+    head_of = {o: (i % n_heads) for i, o in enumerate(OBJECTIVES)}
+    dpo = DPOConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2)
+    spec = build_spec(model_dir, heads, OBJECTIVES, dpo, bf16=False)
+    # balanced micro-batches: consecutive rows cycle through the 3 objectives already
+    groups = [[rows[i]] for i in range(len(rows))]
+    t = tokenize_groups(groups_table(groups, head_of, {o: i for i, o in enumerate(OBJECTIVES)}), model_dir,
+                        args.max_length, args.max_length // 2).to_pylist()
+    model = spec.build_model().train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    times = []
+    for s in range(args.steps):
+        chunk = t[s * args.pairs_per_step: (s + 1) * args.pairs_per_step]
+        batch = spec.collate({k: np.array([x[k] for x in chunk], dtype=object) for k in chunk[0]})
+        t0 = time.perf_counter()
+        loss, _ = spec.loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "ref_precompute_s": ref_s}
+
+
+TRL_SCRIPT = r'''
+import json, os, sys, time, resource
+os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+a = json.loads(sys.argv[1]); rows = json.load(open(a["data"]))
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(a["model_dir"])
+if tok.pad_token is None: tok.pad_token = tok.eos_token
+model = AutoModelForCausalLM.from_pretrained(a["model_dir"], dtype=torch.float32)
+ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+times = []
+class T(TrainerCallback):
+    def on_step_begin(self, *args, **kw): self.t0 = time.perf_counter()
+    def on_step_end(self, *args, **kw): times.append(time.perf_counter() - self.t0)
+cfg = DPOConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], max_steps=a["steps"], max_length=a["max_length"],
+                learning_rate=a["lr"], bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+                logging_steps=1000, use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant", seed=0,
+                beta=0.1, precompute_ref_log_probs=a["precompute"])
+tr = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[T()])
+tr.train()
+print("RESULT " + json.dumps({"times": times}))
+'''
+
+
+def run_trl(args, precompute: bool) -> dict:
+    import tempfile
+
+    from pipeline.models.registry import resolve_model
+
+    tmp = tempfile.mkdtemp(prefix="bench-trl-dpo-")
+    data = os.path.join(tmp, "data.json")
+    json.dump(pairs(args.pairs_per_step * args.steps), open(data, "w"))
+    py = os.path.join(ROOT, ".venv-trl", "bin", "python")
+    if not os.path.exists(py):
+        sys.exit("the TRL side needs .venv-trl: run bench/setup_trl.sh (or pass --no-trl)")
+    a = {"data": data, "model_dir": resolve_model(args.model), "batch": args.pairs_per_step, "steps": args.steps,
+         "max_length": args.max_length, "lr": args.lr, "out": tmp, "precompute": precompute}
+    out = subprocess.run([py, "-c", TRL_SCRIPT, json.dumps(a)], capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"TRL side failed:\n{out.stderr[-3000:]}")
+    r = json.loads(line[len("RESULT "):])
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--pairs-per-step", type=int, default=6)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:  # child process: one side, its own peak memory
+        r = run_ours(args, int(args.side[2:])) if args.side.startswith("mh") else run_trl(args, args.side == "trl_pre")
+        r.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print("RESULT " + json.dumps(r))
+        return
+    sides = ["mh1", "mh3"] + ([] if args.no_trl else ["trl", "trl_pre"])
+    res = {}
+    for side in sides:
+        cmd = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                                            if k not in ("side", "no_trl")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(line[len("RESULT "):])
+        step = statistics.median(r["times"][args.warmup:])
+        res[side] = {"step_s": step, "pairs_per_s": args.pairs_per_step / step, "peak_rss_mb": r["peak_rss_mb"],
+                     "ref_precompute_s": r.get("ref_precompute_s")}
+        extra = f"   (reference log-probs precomputed in {r['ref_precompute_s']:.1f} s)" if r.get("ref_precompute_s") else ""
+        print(f"{side:8s} step {step:.2f} s   {res[side]['pairs_per_s']:.2f} pairs/s   peak RSS {r['peak_rss_mb']:.0f} MiB{extra}")
+    print(f"3 heads / 1 head: time {res['mh3']['step_s'] / res['mh1']['step_s']:.3f}x (target <= 1.10)   "
+          f"memory {res['mh3']['peak_rss_mb'] / res['mh1']['peak_rss_mb']:.3f}x (target <= 1.05)")
+    if not args.no_trl:
+        for t in ("trl", "trl_pre"):
+            print(f"pairs/s MAH-DPO (3 heads) / {t}: {res['mh3']['pairs_per_s'] / res[t]['pairs_per_s']:.2f}x (target >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

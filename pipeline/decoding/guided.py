@@ -1,0 +1,136 @@
+"""PRM-guided decoding with a continuing KV cache (the paper's algorithm, made runnable).
+
+At each step boundary: K candidate steps are sampled from a copy of the running
+cache (batched, one row per candidate); the vectorized PRM scores every candidate
+as the next step; rewards are combined with the request's weights; the winner is
+kept together with its cache rows (cropped to its own length), so the policy never
+re-encodes the text. Boundaries per domain: `blank_lines` (math), `sentences`
+(prose), `turn` (the whole turn: turn-level best-of-K, as the paper does for
+tutoring dialogues). Limits: `max_steps`, `max_step_tokens`, `max_new_tokens`.
+
+`reencode=True` runs the same search re-encoding the accepted tokens (prompt +
+steps so far) for every step: the baseline the cache is measured against. Both
+consume the random generator identically, so with greedy sampling they produce
+exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.decoding.mixing import sample
+
+BOUNDARIES = ("blank_lines", "sentences", "turn")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s|$)")
+
+
+@dataclass
+class GuidedResult:
+    token_ids: list[int]
+    steps: list[str]
+    step_scores: list[float] = field(default_factory=list)  # the winner's combined PRM score per step
+    finished: bool = False  # ended by end-of-sequence (not by a limit)
+    policy_forward_tokens: int = 0  # tokens the policy processed (prefill + decode), for the benchmark
+
+
+def _at_boundary(text: str, boundary: str) -> bool:
+    if boundary == "blank_lines":
+        return "\n\n" in text.lstrip("\n")
+    if boundary == "sentences":  # a heuristic: "3." ends a step even if "5" was to follow
+        return bool(_SENTENCE_END.search(text.strip()))
+    return False  # turn: only the end of sequence ends a step
+
+
+def combine(rewards: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """[K, n_objectives] PRM rewards -> [K] scores; a NaN reward (cut by truncation) ranks last."""
+    s = (rewards * torch.tensor(weights, dtype=rewards.dtype)).sum(-1)
+    return torch.nan_to_num(s, nan=float("-inf"))
+
+
+@torch.no_grad()
+def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *, weights, prm_weights: list[float],
+                    candidates: int = 4, max_steps: int = 8, max_step_tokens: int = 64, max_new_tokens: int = 256,
+                    boundary: str = "blank_lines", temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
+                    reencode: bool = False) -> GuidedResult:
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary {boundary!r}: use one of {BOUNDARIES}")
+    dev = policy.device
+    w = torch.as_tensor(weights, dtype=policy.heads.dtype, device=dev)
+    cfg_eos = policy.config.eos_token_id
+    eos = {tokenizer.eos_token_id} | (set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None})
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(seed)
+    res = GuidedResult(token_ids=[], steps=[])
+    cache, last_logits = None, None
+
+    def prefill(ids: list[int]):
+        c = DynamicCache()
+        out = policy(torch.tensor([ids], device=dev), weights=w, past_key_values=c, use_cache=True, logits_to_keep=1)
+        res.policy_forward_tokens += len(ids)
+        return c, out.logits[:, -1].float().cpu()
+
+    if not reencode:
+        cache, last_logits = prefill(prompt_ids)
+    k = candidates
+    while len(res.steps) < max_steps and len(res.token_ids) < max_new_tokens and not res.finished:
+        if reencode:  # the baseline: recompute the whole prefix for this step
+            cache, last_logits = prefill(prompt_ids + res.token_ids)
+        base_len = cache.get_seq_length()
+        cand = _repeat_cache(cache, k)  # a copy of the running cache, one row per candidate
+        logits = last_logits.repeat(k, 1)
+        toks: list[list[int]] = [[] for _ in range(k)]
+        done = [False] * k
+        end_logits: list[torch.Tensor | None] = [None] * k
+        budget = min(max_step_tokens, max_new_tokens - len(res.token_ids))
+        for t in range(budget):
+            nxt = sample(logits, temperature, top_p, gen)
+            newly = []
+            for i in range(k):
+                if done[i]:
+                    continue
+                toks[i].append(int(nxt[i]))
+                if int(nxt[i]) in eos or _at_boundary(tokenizer.decode(toks[i]), boundary) or t + 1 == budget:
+                    done[i] = True
+                    newly.append(i)
+            if all(done) and all(toks[i][-1] in eos for i in newly):
+                break  # nothing to feed: every newly finished candidate ended with end-of-sequence
+            feed = torch.tensor([[toks[i][-1] if toks[i] else 0] for i in range(k)], device=dev)
+            pos = torch.tensor([[base_len + min(t, len(toks[i]) - 1)] for i in range(k)], device=dev)
+            out = policy(feed, weights=w, past_key_values=cand, use_cache=True, position_ids=pos)
+            res.policy_forward_tokens += k
+            logits = out.logits[:, -1].float().cpu()
+            for i in newly:
+                end_logits[i] = logits[i]
+            if all(done):
+                break
+        texts = [tokenizer.decode([x for x in tk if x not in eos]).strip() for tk in toks]
+        scores = combine(prm.score_last(prm_tokenizer, prompt, res.steps, texts), prm_weights)
+        best = int(torch.argmax(scores))
+        res.token_ids += toks[best]
+        res.steps.append(texts[best])
+        res.step_scores.append(float(scores[best]))
+        if toks[best] and toks[best][-1] in eos:
+            res.token_ids = res.token_ids[:-1]
+            res.finished = True
+            break
+        if not reencode:
+            cand.batch_select_indices(torch.tensor([best]))
+            excess = cand.get_seq_length() - (base_len + len(toks[best]))
+            if excess > 0:  # drop what was fed after the winner had finished
+                cand.crop(-excess)
+            cache, last_logits = cand, end_logits[best].unsqueeze(0)
+    return res
+
+
+def _repeat_cache(cache: DynamicCache, k: int) -> DynamicCache:
+    """A copy of a batch-1 cache with k rows (the running cache itself stays untouched)."""
+    import copy
+
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(k)
+    return c
