@@ -302,6 +302,46 @@ class PairsJobConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class GuidanceDefaults(Strict):
+    candidates: int = Field(4, ge=1, le=16)
+    max_steps: int = Field(8, ge=1, le=64)
+    max_step_tokens: int = Field(64, ge=1, le=1024)
+    boundary: Literal["blank_lines", "sentences", "turn"] = "blank_lines"
+    temperature: float = Field(0.7, ge=0)
+
+
+class ServeConfig(Strict):
+    """The steerable endpoint (jobs.serve): OpenAI-compatible, per-request objective weights."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)  # a multi-head policy checkpoint (jobs.fit_policy)
+    model_name: str = "mahalo"  # the id clients pass as `model`
+    prm: str | None = None  # vectorized PRM for `guidance` requests; None: guidance is refused
+    # Which request weight each PRM objective takes: {prm objective: policy objective}; default the same name.
+    prm_objectives: dict[str, str] = Field(default_factory=dict)
+    guidance: GuidanceDefaults = Field(default_factory=GuidanceDefaults)
+    # Fixed weight vectors served as merged single-head checkpoints through `preset_engine` (vLLM):
+    # {name: {objective: weight}}; clients select one by passing its name as `model`.
+    presets: dict[str, dict[str, float]] = Field(default_factory=dict)
+    preset_engine: EngineConfig = Field(default_factory=EngineConfig)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str | None = None  # None: cuda when available
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(8, ge=1)  # per replica
+    max_queued_requests: int = Field(16, ge=-1)  # beyond this, 503 (-1: unbounded)
+    max_batch_size: int = Field(8, ge=1)  # requests with different weights share a batch
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_tokens_limit: int = Field(512, ge=1)  # a request asking for more gets a 400
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger bodies get a 413
+    api_key_env: str | None = None  # name of the environment variable holding the API key; None: open
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    work_dir: str = "runs/serve"  # merged preset checkpoints
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class ScoreTasksConfig(Strict):
     """Per-objective scores of one policy on the held-out built-in tasks (jobs.score_tasks)."""
 

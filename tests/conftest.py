@@ -68,3 +68,28 @@ def sft_rows(n: int, offset: int = 0) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}],
              "completion": f"{i} + {i + 1} = {2 * i + 1}. The answer is \\boxed{{{2 * i + 1}}}."}
             for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="session")
+def steerable_policy(tmp_path_factory, tiny_model_dir):
+    """A two-head policy (accuracy, engagement) built so head 0 always prefers token A and head 1
+    token B: every embedding carries 10 on dimension 0, so the final hidden state's dimension 0 is
+    ~11 at every position, and each head gets +5 on that dimension for its own token.
+    -> (checkpoint dir, A's text, B's text)."""
+    import torch
+
+    from pipeline.models.checkpoint import load_tokenizer
+    from pipeline.models.multihead import MultiHeadPolicy, load_checked
+
+    tok = load_tokenizer(tiny_model_dir)
+    a, b = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" the", " there"))
+    base = load_checked(tiny_model_dir)
+    with torch.no_grad():
+        base.get_input_embeddings().weight[:, 0] = 10.0
+    policy = MultiHeadPolicy(base, ["accuracy", "engagement"], noise_std=0.0)
+    with torch.no_grad():
+        policy.heads[0, a, 0] += 5.0
+        policy.heads[1, b, 0] += 5.0
+    out = tmp_path_factory.mktemp("steerable") / "policy"
+    policy.save(out, tok)
+    return str(out), tok.decode([a]), tok.decode([b])

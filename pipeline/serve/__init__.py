@@ -1,0 +1,1 @@
+"""Ray Serve application for the steerable policy (app.py)."""

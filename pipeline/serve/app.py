@@ -1,0 +1,389 @@
+"""The steerable endpoint: a Ray Serve application with an OpenAI-compatible API.
+
+    GET  /health                  liveness
+    GET  /v1/models               the policy (its objectives in head order) and the presets
+    POST /v1/chat/completions     chat; `stream: true` for server-sent events
+    POST /v1/completions          raw prompt
+
+Two extra request fields (pass them through `extra_body` with the openai client):
+    objective_weights  {objective: weight}: the head mix; finite, >= 0, not all zero; normalised
+    guidance           {candidates, max_steps, max_step_tokens, boundary, temperature}: PRM-guided decoding
+
+Requests with different weights share one batch (`serve.batch`; each row has its own
+mix). A preset (a fixed weight vector) is a merged single-head checkpoint served by
+its own deployment through the rollout engine (vLLM), selected by passing its name as
+`model`. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from pipeline.config import GuidanceDefaults, ServeConfig
+
+app = FastAPI(title="mahalo steerable endpoint")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+
+def _error(status: int, message: str, param=None, kind="invalid_request_error", code=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_, e: APIError):
+    return _error(e.status, e.message, e.param, e.kind, e.code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
+    param = ".".join(str(x) for x in first.get("loc", []) if x != "body") or None
+    return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+
+
+class Guidance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidates: int | None = Field(None, ge=1, le=16)
+    max_steps: int | None = Field(None, ge=1, le=64)
+    max_step_tokens: int | None = Field(None, ge=1, le=1024)
+    boundary: Literal["blank_lines", "sentences", "turn"] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs, ...)
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    seed: int | None = None
+    stream: bool = False
+    objective_weights: dict[str, float] | None = None
+    guidance: Guidance | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Common):
+    prompt: str
+
+
+def check_weights(weights: dict[str, float] | None, objectives: list[str]) -> list[float]:
+    if weights is None:
+        return [1.0 / len(objectives)] * len(objectives)
+    unknown = sorted(set(weights) - set(objectives))
+    if unknown:
+        raise APIError(400, f"unknown objective(s) {unknown}; this model's objectives are {objectives}", "objective_weights")
+    vals = [weights.get(o, 0.0) for o in objectives]
+    if any(not math.isfinite(v) for v in vals):
+        raise APIError(400, "objective_weights must be finite numbers", "objective_weights")
+    if any(v < 0 for v in vals):
+        raise APIError(400, "objective_weights must be non-negative", "objective_weights")
+    if sum(vals) <= 0:
+        raise APIError(400, "objective_weights must not all be zero", "objective_weights")
+    return [v / sum(vals) for v in vals]
+
+
+@serve.deployment
+class PresetLM:
+    """One fixed weight vector as an ordinary merged checkpoint, on the rollout engine (vLLM)."""
+
+    def __init__(self, model_dir: str, engine: dict):
+        from pipeline.config import EngineConfig
+        from pipeline.rollout.stage import make_engine
+
+        spec = EngineConfig.model_validate(engine)
+        os.environ.update(spec.env)
+        self.engine = make_engine(spec, model_dir)
+
+    def complete(self, text: str, max_tokens: int, temperature: float, top_p: float, seed: int | None) -> str:
+        return self.engine.complete([text], n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    seeds=None if seed is None else [seed])[0][0]
+
+
+@serve.deployment
+@serve.ingress(app)
+class SteerableLM:
+    def __init__(self, cfg: dict, presets: dict | None = None):
+        import torch
+
+        from pipeline.models.checkpoint import load_tokenizer
+        from pipeline.models.multihead import MultiHeadPolicy
+
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.policy = MultiHeadPolicy.load(self.cfg.model.name_or_path, self.cfg.dtype).to(self.device).eval()
+        self.tok = load_tokenizer(self.cfg.model.name_or_path)
+        self.objectives = self.policy.objectives
+        self.max_positions = getattr(self.policy.config, "max_position_embeddings", 4096)
+        cfg_eos = self.policy.config.eos_token_id
+        self.eos = {self.tok.eos_token_id} | (set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None})
+        self.prm = self.prm_tok = None
+        if self.cfg.prm:
+            from pipeline.models.prm import VectorPRM
+
+            self.prm, self.prm_tok = VectorPRM.load(self.cfg.prm)
+            self.prm.to(self.device).eval()
+        self.presets = presets or {}
+        self.api_key = None
+        if self.cfg.api_key_env:
+            self.api_key = os.environ.get(self.cfg.api_key_env)
+            if not self.api_key:
+                raise RuntimeError(f"api_key_env={self.cfg.api_key_env!r} is set but that environment variable is empty")
+        self._batched.set_max_batch_size(self.cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    # --- plumbing --------------------------------------------------------------------------
+    async def _parse(self, request: Request, cls):
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
+                           code="invalid_api_key")
+        body = await request.body()
+        if len(body) > self.cfg.max_body_bytes:
+            raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {self.cfg.max_body_bytes}")
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"body is not valid JSON: {e}") from None
+        try:
+            return cls.model_validate(data)
+        except Exception as e:  # pydantic.ValidationError
+            errs = getattr(e, "errors", lambda: [])()
+            first = errs[0] if errs else {"loc": [], "msg": str(e)}
+            param = ".".join(str(x) for x in first.get("loc", [])) or None
+            raise APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param) from None
+
+    def _check_auth_only(self, request: Request):
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
+                           code="invalid_api_key")
+
+    def _plan(self, req: _Common, prompt_ids: list[int]) -> dict:
+        max_new = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
+        if max_new > self.cfg.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_new} exceeds this server's limit of {self.cfg.max_tokens_limit}",
+                           "max_tokens")
+        if len(prompt_ids) + max_new > self.max_positions:
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
+                           f"context of {self.max_positions}", "max_tokens")
+        weights = check_weights(req.objective_weights, self.objectives)
+        return {"max_new": max_new, "weights": weights}
+
+    # --- generation ------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[dict]) -> list[list[int]]:
+        """Requests with different weights (and lengths) in one batch; grouped only by sampling settings."""
+        return await asyncio.to_thread(self._generate_many, jobs)
+
+    def _generate_many(self, jobs: list[dict]) -> list[list[int]]:
+        import torch
+
+        from pipeline.decoding.mixing import generate
+
+        out: list[Any] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, j in enumerate(jobs):
+            groups.setdefault((j["temperature"], j["top_p"], j["seed"]), []).append(i)
+        for (temp, top_p, seed), idx in groups.items():
+            res = generate(self.policy, [jobs[i]["prompt_ids"] for i in idx],
+                           torch.tensor([jobs[i]["weights"] for i in idx]),
+                           max_new_tokens=[jobs[i]["max_new"] for i in idx], eos_ids=self.eos,
+                           pad_id=self.tok.pad_token_id, temperature=temp, top_p=top_p, seed=seed)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
+    def _guided(self, req: _Common, messages: list[dict], plan: dict) -> dict:
+        from pipeline.decoding.guided import guided_generate
+
+        if self.prm is None:
+            raise APIError(400, "guidance needs a PRM; this server has none (ServeConfig.prm)", "guidance")
+        g = {**GuidanceDefaults().model_dump(), **self.cfg.guidance.model_dump(),
+             **req.guidance.model_dump(exclude_none=True)}
+        w = dict(zip(self.objectives, plan["weights"]))
+        prm_w = [w.get(self.cfg.prm_objectives.get(o, o), 0.0) for o in self.prm.objectives]
+        if sum(prm_w) <= 0:
+            raise APIError(400, f"the PRM scores {self.prm.objectives}; none of them has a positive weight in this request",
+                           "guidance")
+        r = guided_generate(self.policy, self.tok, self.prm, self.prm_tok, messages, weights=plan["weights"],
+                            prm_weights=prm_w, candidates=g["candidates"], max_steps=g["max_steps"],
+                            max_step_tokens=g["max_step_tokens"], max_new_tokens=plan["max_new"],
+                            boundary=g["boundary"], temperature=g["temperature"], top_p=req.top_p,
+                            seed=req.seed if req.seed is not None else 0)
+        return {"ids": r.token_ids, "finished": r.finished, "steps": r.steps, "step_scores": r.step_scores}
+
+    async def _complete(self, req: _Common, messages: list[dict] | None, prompt_text: str, chat: bool):
+        prompt_ids = self.tok(prompt_text, add_special_tokens=False)["input_ids"]
+        if req.model in self.presets:
+            return await self._preset(req, prompt_text, prompt_ids, chat)
+        if req.model != self.cfg.model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; see /v1/models", "model", code="model_not_found")
+        plan = self._plan(req, prompt_ids)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        extra = {"objective_weights": dict(zip(self.objectives, plan["weights"]))}
+        if req.guidance is not None:
+            if messages is None:
+                messages = [{"role": "user", "content": prompt_text}]
+            r = await asyncio.to_thread(self._guided, req, messages, plan)
+            ids, finish = r["ids"], "stop" if r["finished"] else "length"
+            extra["guidance"] = {"steps": r["steps"], "step_scores": r["step_scores"]}
+        elif req.stream:
+            return StreamingResponse(self._stream(req, prompt_ids, plan, rid, chat, extra), media_type="text/event-stream")
+        else:
+            ids = await self._batched({"prompt_ids": prompt_ids, "weights": plan["weights"], "max_new": plan["max_new"],
+                                       "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed})
+            finish = "length" if len(ids) >= plan["max_new"] else "stop"
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if req.stream:  # guided: the whole answer as one chunk (the search picks whole steps)
+            return StreamingResponse(self._one_chunk(rid, req.model, text, finish, chat, extra),
+                                     media_type="text/event-stream")
+        return self._response(rid, req.model, text, finish, len(prompt_ids), len(ids), chat, extra)
+
+    async def _preset(self, req: _Common, prompt_text: str, prompt_ids: list[int], chat: bool):
+        if req.objective_weights is not None or req.guidance is not None:
+            raise APIError(400, f"model {req.model!r} is a preset with fixed weights; objective_weights and guidance "
+                           f"apply to {self.cfg.model_name!r}", "model")
+        max_new = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
+        if max_new > self.cfg.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_new} exceeds this server's limit of {self.cfg.max_tokens_limit}",
+                           "max_tokens")
+        text = await self.presets[req.model].complete.remote(prompt_text, max_new, req.temperature, req.top_p, req.seed)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        n_out = len(self.tok(text, add_special_tokens=False)["input_ids"])
+        extra = {"objective_weights": self.cfg.presets[req.model]}
+        if req.stream:
+            return StreamingResponse(self._one_chunk(rid, req.model, text, "stop", chat, extra), media_type="text/event-stream")
+        return self._response(rid, req.model, text, "length" if n_out >= max_new else "stop", len(prompt_ids), n_out,
+                              chat, extra)
+
+    def _response(self, rid, model, text, finish, n_prompt, n_out, chat, extra) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
+                  else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model, "choices": [choice],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}, **extra}
+
+    def _chunk(self, rid, model, piece, finish, chat, extra=None) -> str:
+        if chat:
+            choice = {"index": 0, "delta": {"content": piece} if piece is not None else {}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": finish}
+        body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+                "model": model, "choices": [choice], **(extra or {})}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def _one_chunk(self, rid, model, text, finish, chat, extra):
+        if chat:
+            yield self._chunk(rid, model, None, None, chat) .replace('"delta": {}', '"delta": {"role": "assistant"}')
+        yield self._chunk(rid, model, text, None, chat, extra)
+        yield self._chunk(rid, model, None, finish, chat)
+        yield "data: [DONE]\n\n"
+
+    def _stream(self, req, prompt_ids, plan, rid, chat, extra):
+        """Token by token, text deltas decoded incrementally (a sync generator: Starlette runs it in a thread)."""
+        import torch
+
+        from pipeline.decoding.mixing import stream_tokens
+
+        if chat:
+            yield self._chunk(rid, req.model, None, None, chat).replace('"delta": {}', '"delta": {"role": "assistant"}')
+        ids: list[int] = []
+        sent = ""
+        finish = "length"
+        for step in stream_tokens(self.policy, [prompt_ids], torch.tensor([plan["weights"]]), max_new_tokens=plan["max_new"],
+                                  eos_ids=self.eos, pad_id=self.tok.pad_token_id, temperature=req.temperature,
+                                  top_p=req.top_p, seed=req.seed):
+            x = step[0]
+            if x is None:
+                break
+            if x in self.eos:
+                finish = "stop"
+                break
+            ids.append(x)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(sent):  # wait for whole characters
+                yield self._chunk(rid, req.model, text[len(sent):], None, chat, extra if not sent else None)
+                sent = text
+        yield self._chunk(rid, req.model, None, finish, chat)
+        yield "data: [DONE]\n\n"
+
+    # --- routes ----------------------------------------------------------------------------
+    @app.get("/health")
+    def health(self):
+        return {"status": "ok", "model": self.cfg.model_name, "objectives": self.objectives}
+
+    @app.get("/v1/models")
+    def models(self, request: Request):
+        self._check_auth_only(request)
+        data = [{"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "mahalo",
+                 "objectives": self.objectives, "guidance": self.prm is not None}]
+        data += [{"id": name, "object": "model", "created": 0, "owned_by": "mahalo", "objective_weights": w}
+                 for name, w in self.cfg.presets.items()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        req = await self._parse(request, ChatRequest)
+        messages = [m.model_dump() for m in req.messages]
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return await self._complete(req, messages, text, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        req = await self._parse(request, CompletionRequest)
+        return await self._complete(req, None, req.prompt, chat=False)
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application: the steerable policy plus one vLLM deployment per preset (merged on the driver)."""
+    from pathlib import Path
+
+    from pipeline.models.checkpoint import load_tokenizer
+    from pipeline.models.multihead import MultiHeadPolicy
+
+    presets = {}
+    if cfg.presets:
+        policy = MultiHeadPolicy.load(cfg.model.name_or_path)
+        tok = load_tokenizer(cfg.model.name_or_path)
+        for name, w in cfg.presets.items():
+            out = Path(cfg.work_dir) / "presets" / name
+            policy.export_merged(w, out, tok)  # validates the weights (a bad preset fails here, by name)
+            eng = cfg.preset_engine
+            presets[name] = PresetLM.options(name=f"preset-{name}", ray_actor_options={
+                "num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}).bind(str(out), eng.model_dump())
+    actor = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if cfg.api_key_env:  # the key travels from the driver's environment to the replicas, never through config
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise ValueError(f"api_key_env={cfg.api_key_env!r}: set that environment variable to the API key")
+        actor["runtime_env"] = {"env_vars": {cfg.api_key_env: key}}
+    return SteerableLM.options(
+        num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests, ray_actor_options=actor,
+    ).bind(cfg.model_dump(), presets)

@@ -1,0 +1,72 @@
+"""Steerable decoding: per-request weights in one batch, PRM-guided decoding with a continuing cache."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.decoding.guided import guided_generate
+from pipeline.decoding.mixing import generate
+from pipeline.models.checkpoint import load_tokenizer
+from pipeline.models.multihead import MultiHeadPolicy
+
+
+def _prompt_ids(tok, text):
+    s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
+def test_weights_move_the_output_and_requests_with_different_weights_share_a_batch(steerable_policy):
+    path, a, b = steerable_policy
+    policy, tok = MultiHeadPolicy.load(path).eval(), load_tokenizer(path)
+    kw = {"max_new_tokens": 3, "eos_ids": {tok.eos_token_id}, "pad_id": tok.pad_token_id}
+    p1, p2 = _prompt_ids(tok, "What is 2 + 3?"), _prompt_ids(tok, "Say hello to the whole team today.")
+    weights = torch.tensor([[0.8, 0.2], [0.2, 0.8], [0.5, 0.5]])
+    batch = generate(policy, [p1, p2, p1], weights, **kw)  # different lengths: left padding
+    assert tok.decode(batch[0][:1]) == a and tok.decode(batch[1][:1]) == b
+    for i, p in enumerate([p1, p2, p1]):  # each row is what it would be alone
+        assert batch[i] == generate(policy, [p], weights[i:i + 1], **kw)[0]
+
+
+class PreferLongest:
+    """A stand-in PRM with a known preference (the longest candidate wins), recording what it
+    was asked, so the test can check the search keeps the candidate the PRM prefers."""
+
+    objectives = ["accuracy"]
+
+    def __init__(self):
+        self.calls = []
+
+    def score_last(self, tok, prompt, prefix, candidates, max_length=4096):
+        self.calls.append((list(prefix), list(candidates)))
+        return torch.tensor([[float(len(c))] for c in candidates])
+
+
+def test_guided_decoding_keeps_the_candidate_the_prm_prefers(tiny_model_dir):
+    policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["accuracy", "engagement"], noise_std=0.05).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    prm = PreferLongest()
+    r = guided_generate(policy, tok, prm, None, [{"role": "user", "content": "Count to five."}], weights=[0.5, 0.5],
+                        prm_weights=[1.0], candidates=4, max_steps=3, max_step_tokens=8, boundary="sentences",
+                        temperature=1.0, seed=3)
+    assert len(prm.calls) == len(r.steps) >= 2
+    for step, (prefix, cands) in zip(r.steps, prm.calls):
+        assert len(cands) == 4 and step == max(cands, key=len)
+    assert prm.calls[1][0] == r.steps[:1]  # the PRM sees the accepted steps as the prefix
+
+
+def test_continuing_cache_matches_reencoding_token_for_token(tiny_model_dir):
+    from pipeline.models.prm import build_prm
+
+    policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["accuracy", "engagement"], noise_std=0.05).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    prm, ptok = build_prm(tiny_model_dir, ["accuracy"], {"accuracy": "soft"})
+    prm.eval()
+    kw = dict(weights=[0.3, 0.7], prm_weights=[1.0], candidates=3, max_steps=4, max_step_tokens=10,
+              boundary="sentences", seed=5)
+    for temperature in (0.0, 1.0):
+        cont = guided_generate(policy, tok, prm, ptok, [{"role": "user", "content": "What is 4 + 4?"}],
+                               temperature=temperature, **kw)
+        again = guided_generate(policy, tok, prm, ptok, [{"role": "user", "content": "What is 4 + 4?"}],
+                                temperature=temperature, reencode=True, **kw)
+        assert cont.token_ids == again.token_ids and len(cont.token_ids) > 10
+        assert cont.policy_forward_tokens < again.policy_forward_tokens  # the cache saved the re-encoding

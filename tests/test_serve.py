@@ -1,0 +1,144 @@
+"""The steerable endpoint on Ray Serve: OpenAI API, weights, guidance, validation, streaming, overload."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+
+import httpx
+import pytest
+
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session, steerable_policy, tiny_model_dir, tmp_path_factory):
+    import os
+
+    from ray import serve
+
+    from pipeline.config import ServeConfig
+    from pipeline.models.prm import build_prm
+    from pipeline.serve.app import build_app
+
+    path, a, b = steerable_policy
+    prm_dir = tmp_path_factory.mktemp("serve") / "prm"
+    prm, tok = build_prm(tiny_model_dir, ["accuracy"], {"accuracy": "soft"})
+    prm.save(prm_dir, tokenizer=tok)
+    port = _free_port()
+    os.environ["MAHALO_TEST_KEY"] = KEY
+    cfg = ServeConfig.model_validate({
+        "model": {"name_or_path": path}, "model_name": "steer", "prm": str(prm_dir), "api_key_env": "MAHALO_TEST_KEY",
+        "max_ongoing_requests": 2, "max_queued_requests": 1, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
+        "max_tokens_limit": 256, "max_body_bytes": 4096, "http_port": port, "num_cpus": 0.5,
+        "guidance": {"candidates": 2, "max_steps": 2, "max_step_tokens": 6, "boundary": "sentences"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="mahalo-test", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "a": a, "b": b}
+    serve.delete("mahalo-test")
+    serve.shutdown()
+
+
+def _post(ep, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(ep["url"] + path, content=json.dumps(body), headers={**headers, "Content-Type": "application/json"},
+                      timeout=120, **kw)
+
+
+def _chat(weights=None, **kw):
+    body = {"model": "steer", "messages": [{"role": "user", "content": "Hello there, what is new?"}], "max_tokens": 2,
+            "temperature": 0, **kw}
+    if weights is not None:
+        body["objective_weights"] = weights
+    return body
+
+
+def test_weights_move_the_output_and_models_list_objectives(endpoint):
+    r = httpx.get(endpoint["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert r["data"][0]["id"] == "steer" and r["data"][0]["objectives"] == ["accuracy", "engagement"]
+    assert httpx.get(endpoint["url"] + "/health", timeout=30).json()["status"] == "ok"
+    # concurrent requests with different weights share the replica's batch
+    with cf.ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(_post, endpoint, "/v1/chat/completions", _chat({"accuracy": 0.9, "engagement": 0.1}))
+        fb = pool.submit(_post, endpoint, "/v1/chat/completions", _chat({"accuracy": 1, "engagement": 3}))
+        ra, rb = fa.result().json(), fb.result().json()
+    assert ra["choices"][0]["message"]["content"].split()[0] == endpoint["a"].strip()
+    assert rb["choices"][0]["message"]["content"].split()[0] == endpoint["b"].strip()
+    assert rb["objective_weights"] == {"accuracy": 0.25, "engagement": 0.75}
+    assert ra["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (_chat({"fun": 1.0}), 400, "objective_weights"),
+    (_chat({"accuracy": -1.0, "engagement": 2.0}), 400, "objective_weights"),
+    (_chat({"accuracy": float("nan")}), 400, "objective_weights"),
+    (_chat({"accuracy": 0.0, "engagement": 0.0}), 400, "objective_weights"),
+    (_chat(guidance={"candidates": 0}), 400, "guidance.candidates"),
+    (_chat(guidance={"beams": 3}), 400, "guidance.beams"),
+    (_chat(max_tokens=100000), 400, "max_tokens"),
+    (_chat(temperature=-1), 400, "temperature"),
+    ({"model": "steer", "messages": []}, 400, "messages"),
+    ({**_chat(), "model": "nope"}, 404, "model"),
+    (_chat(padding="x" * 5000), 413, None),
+])
+def test_invalid_requests_get_openai_errors(endpoint, body, status, param):
+    r = _post(endpoint, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+
+
+def test_api_key_is_required(endpoint):
+    assert _post(endpoint, "/v1/chat/completions", _chat(), key=None).status_code == 401
+    r = _post(endpoint, "/v1/chat/completions", _chat(), key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_streaming_matches_the_plain_answer(endpoint):
+    plain = _post(endpoint, "/v1/chat/completions", _chat({"engagement": 1}, max_tokens=6)).json()
+    pieces, finish = [], None
+    with httpx.stream("POST", endpoint["url"] + "/v1/chat/completions", json=_chat({"engagement": 1}, max_tokens=6, stream=True),
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for ln in lines[:-1]:
+        ch = json.loads(ln[len("data: "):])["choices"][0]
+        pieces.append(ch["delta"].get("content") or "")
+        finish = ch["finish_reason"] or finish
+    assert "".join(pieces) == plain["choices"][0]["message"]["content"] and finish == "length"
+
+
+def test_openai_client_with_extra_body_and_guidance(endpoint):
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint["url"] + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["steer"]
+    r = client.chat.completions.create(model="steer", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       temperature=0, extra_body={"objective_weights": {"accuracy": 0.0, "engagement": 1.0}})
+    assert r.choices[0].message.content.split()[0] == endpoint["b"].strip()
+    chunks = list(client.chat.completions.create(model="steer", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    g = client.completions.create(model="steer", prompt="Count: one.", max_tokens=12,
+                                  extra_body={"guidance": {"candidates": 2, "max_steps": 2}})
+    extra = g.model_extra or {}
+    assert 1 <= len(extra["guidance"]["steps"]) <= 2 and g.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="steer", messages=[{"role": "user", "content": "Hi"}],
+                                       extra_body={"objective_weights": {"nope": 1}})
+
+
+def test_overload_gets_503_not_a_crash(endpoint):
+    body = _chat({"accuracy": 1}, max_tokens=200, temperature=1.0)
+    with cf.ThreadPoolExecutor(10) as pool:
+        codes = [f.result().status_code for f in [pool.submit(_post, endpoint, "/v1/chat/completions", body)
+                                                  for _ in range(10)]]
+    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+    assert _post(endpoint, "/v1/chat/completions", _chat()).status_code == 200  # still serving
