@@ -25,6 +25,10 @@ def test_weights_move_the_output_and_requests_with_different_weights_share_a_bat
     assert tok.decode(batch[0][:1]) == a and tok.decode(batch[1][:1]) == b
     for i, p in enumerate([p1, p2, p1]):  # each row is what it would be alone
         assert batch[i] == generate(policy, [p], weights[i:i + 1], **kw)[0]
+    # merged heads (built once per weight vector) and the per-token mix of the H heads agree
+    free = dict(kw, max_new_tokens=8)
+    plain = MultiHeadPolicy.from_sft(path, ["x", "y"], noise_std=0.3).eval()
+    assert generate(plain, [p1, p2, p1], weights, **free) == generate(plain, [p1, p2, p1], weights, merge_budget_bytes=0, **free)
 
 
 class PreferLongest:

@@ -8,10 +8,12 @@ re-encodes the text. Boundaries per domain: `blank_lines` (math), `sentences`
 (prose), `turn` (the whole turn: turn-level best-of-K, as the paper does for
 tutoring dialogues). Limits: `max_steps`, `max_step_tokens`, `max_new_tokens`.
 
-`reencode=True` runs the same search re-encoding the accepted tokens (prompt +
-steps so far) for every step: the baseline the cache is measured against. Both
-consume the random generator identically, so with greedy sampling they produce
-exactly the same tokens.
+`reencode=True` runs the same search the way `model.generate(prefix,
+num_return_sequences=K)` does it at every step: the accepted tokens (prompt + steps
+so far) are encoded again for each of the K candidates. It is the baseline the
+cache is measured against. (It re-encodes token ids, not decoded text, so both
+see the same tokens.) Both consume the random generator identically, so they
+produce the same tokens up to floating-point ties; with greedy sampling exactly.
 """
 
 from __future__ import annotations
@@ -68,21 +70,24 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
     res = GuidedResult(token_ids=[], steps=[])
     cache, last_logits = None, None
 
-    def prefill(ids: list[int]):
+    def prefill(ids: list[int], rows: int = 1):
         c = DynamicCache()
-        out = policy(torch.tensor([ids], device=dev), weights=w, past_key_values=c, use_cache=True, logits_to_keep=1)
-        res.policy_forward_tokens += len(ids)
+        out = policy(torch.tensor([ids] * rows, device=dev), weights=w, past_key_values=c, use_cache=True,
+                     logits_to_keep=1)
+        res.policy_forward_tokens += len(ids) * rows
         return c, out.logits[:, -1].float().cpu()
 
     if not reencode:
         cache, last_logits = prefill(prompt_ids)
     k = candidates
     while len(res.steps) < max_steps and len(res.token_ids) < max_new_tokens and not res.finished:
-        if reencode:  # the baseline: recompute the whole prefix for this step
-            cache, last_logits = prefill(prompt_ids + res.token_ids)
-        base_len = cache.get_seq_length()
-        cand = _repeat_cache(cache, k)  # a copy of the running cache, one row per candidate
-        logits = last_logits.repeat(k, 1)
+        if reencode:  # the baseline: the whole prefix encoded again, once per candidate
+            cand, logits = prefill(prompt_ids + res.token_ids, rows=k)
+            base_len = cand.get_seq_length()
+        else:
+            base_len = cache.get_seq_length()
+            cand = _repeat_cache(cache, k)  # a copy of the running cache, one row per candidate
+            logits = last_logits.repeat(k, 1)
         toks: list[list[int]] = [[] for _ in range(k)]
         done = [False] * k
         end_logits: list[torch.Tensor | None] = [None] * k

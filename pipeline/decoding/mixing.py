@@ -39,17 +39,27 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max_new_tokens: list[int] | int,
                   eos_ids: set[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int | None = None) -> Iterator[list[int | None]]:
-    """Yields, per decoding step, each request's new token (None once it has finished)."""
+                  seed: int | None = None, merge_budget_bytes: int = 2 << 30) -> Iterator[list[int | None]]:
+    """Yields, per decoding step, each request's new token (None once it has finished).
+
+    Each distinct weight vector's merged head sum_i w_i W_i is built once, so every token
+    costs one vocabulary projection whatever the mix; when those heads would exceed
+    `merge_budget_bytes`, the mix is computed per token from the H heads instead."""
     b = len(prompts)
     limits = torch.tensor([max_new_tokens] * b if isinstance(max_new_tokens, int) else max_new_tokens)
     gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     dev = model.device
     ids, att = left_pad(prompts, pad_id, dev)
     w = weights.to(dev, dtype=model.heads.dtype)
+    n_unique = len(torch.unique(w, dim=0))
+    if n_unique * model.heads[0].numel() * model.heads.element_size() <= merge_budget_bytes:
+        merged, rows = model.merge_rows(w)
+        mix = {"head_ids": rows, "heads": merged}
+    else:
+        mix = {"weights": w}
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(ids, att, weights=w, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1)
+    out = model(ids, att, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1, **mix)
     done = torch.zeros(b, dtype=torch.bool)
     for t in range(int(limits.max())):
         nxt = sample(out.logits[:, -1].float().cpu(), temperature, top_p, gen)
@@ -61,7 +71,7 @@ def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max
         nxt = torch.where(done, torch.tensor(pad_id), nxt)
         att = torch.cat([att, (~done).long().to(dev).unsqueeze(1)], 1)
         pos = pos[:, -1:] + 1
-        out = model(nxt.to(dev).unsqueeze(1), att, weights=w, past_key_values=cache, use_cache=True, position_ids=pos)
+        out = model(nxt.to(dev).unsqueeze(1), att, past_key_values=cache, use_cache=True, position_ids=pos, **mix)
 
 
 def generate(model, prompts: list[list[int]], weights: torch.Tensor, **kw) -> list[list[int]]:

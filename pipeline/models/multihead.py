@@ -99,8 +99,10 @@ class MultiHeadPolicy(nn.Module):
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     def forward(self, input_ids, attention_mask=None, head_ids=None, weights=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None):
-        """Logits of each example's routed head (`head_ids`: int or [B]) or of its mix (`weights`: [H] or [B, H])."""
+                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None, heads=None):
+        """Logits of each example's routed head (`head_ids`: int or [B]) or of its mix (`weights`: [H] or [B, H]).
+        `heads` ([U, vocab, hidden]) replaces the model's heads for `head_ids`: merged heads computed once
+        per weight vector (see merge_rows), so a mix costs one projection per token."""
         if (head_ids is None) == (weights is None):
             raise ValueError("pass exactly one of head_ids (training) or weights (mixing)")
         out = self.hidden(input_ids, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
@@ -109,19 +111,25 @@ class MultiHeadPolicy(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if head_ids is not None:
-            logits = self.routed_logits(h, head_ids)
+            logits = self.routed_logits(h, head_ids, heads)
         else:
             logits = self.mixed_logits(h, weights)
         return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
 
-    def routed_logits(self, h: torch.Tensor, head_ids) -> torch.Tensor:
+    def merge_rows(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(merged heads [U, vocab, hidden] for the U distinct rows of weights [B, H], row -> index [B])."""
+        uniq, inverse = torch.unique(weights.to(self.heads.dtype), dim=0, return_inverse=True)
+        return torch.einsum("uh,hvd->uvd", uniq.to(self.heads.device), self.heads), inverse
+
+    def routed_logits(self, h: torch.Tensor, head_ids, heads=None) -> torch.Tensor:
+        W = self.heads if heads is None else heads
         if isinstance(head_ids, int):
-            return h @ self.heads[head_ids].T
+            return h @ W[head_ids].T
         head_ids = torch.as_tensor(head_ids, device=h.device)
         groups = [(int(i), (head_ids == i).nonzero().squeeze(1)) for i in torch.unique(head_ids)]
         if len(groups) == 1:
-            return h @ self.heads[groups[0][0]].T
-        parts = [h.index_select(0, idx) @ self.heads[i].T for i, idx in groups]
+            return h @ W[groups[0][0]].T
+        parts = [h.index_select(0, idx) @ W[i].T for i, idx in groups]
         order = torch.cat([idx for _, idx in groups])
         return torch.cat(parts).index_select(0, torch.argsort(order))
 
