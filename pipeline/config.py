@@ -342,6 +342,39 @@ class ServeConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class EvalPolicy(Strict):
+    name: str
+    kind: Literal["hf", "multihead", "soup"]
+    path: str | None = None  # hf / multihead checkpoint
+    paths: dict[str, str] = Field(default_factory=dict)  # soup: {objective: single-head checkpoint}
+    sweep: bool = False  # evaluate along a weight sweep over each task's objectives
+
+
+class GuidedEvalConfig(Strict):
+    prm: str
+    tasks: list[str] = ["math_word"]
+    n_problems: int = Field(8, ge=1)
+    candidates: int = Field(4, ge=1)
+    max_steps: int = Field(6, ge=1)
+    max_step_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    policy_names: list[str] = Field(default_factory=list)  # empty: every multihead policy
+
+
+class EvalJobConfig(Strict):
+    """Per-objective metrics of policies on held-out built-in tasks (jobs.eval)."""
+
+    problems: list[str] = Field(default_factory=list)  # held-out problem shards
+    n_per_task: int | None = Field(None, ge=1)  # the first n problems of each task; None: all
+    policies: list[EvalPolicy] = Field(default_factory=list)
+    sweep_points: int = Field(5, ge=2)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    guided: GuidedEvalConfig | None = None
+    out_dir: str = "runs/eval"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class ScoreTasksConfig(Strict):
     """Per-objective scores of one policy on the held-out built-in tasks (jobs.score_tasks)."""
 

@@ -14,7 +14,11 @@ class TransformersEngine:
         self.tok.padding_side = "left"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()
-        self.batch_size = batch_size
+        self.batch_size, self.dtype = batch_size, dtype
+
+    def reload_weights(self, checkpoint_dir: str) -> None:
+        """New weights (same architecture), like VLLMEngine.reload_weights."""
+        self.model = load_causal_lm(checkpoint_dir, self.dtype).to(self.device).eval()
 
     def render(self, prompt: list[dict]) -> str:
         return self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,148 @@
+"""Per-objective evaluation of policies, weight vectors and decoding modes on held-out built-in tasks.
+
+Every policy is turned into one ordinary checkpoint per weight vector
+(`MultiHeadPolicy.export_merged`: the merged head equals the logit mix), so one vLLM
+engine serves them all, swapping weights in place (`reload_weights`, no restart):
+  hf       a Hugging Face causal LM (base, SFT): one head, weight [1];
+  multihead a MAH-DPO or single-head DPO checkpoint, for each weight vector of the sweep;
+  soup     per-objective single-head DPO models, parameters averaged with the weights.
+Guided decoding (the PRM picks each step among K candidates) runs in process on the
+multi-head policy (pipeline.decoding.guided), on `guided_problems` problems per task.
+
+Rows: {policy, weights (JSON, over the task's objectives), decoding, task, objective, mean, n}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def sweep(objectives: list[str], points: int) -> list[dict[str, float]]:
+    """Weight vectors over two objectives from all on the first to all on the second (`points` of them);
+    for more objectives: the corners and the centre."""
+    if len(objectives) == 2:
+        return [{objectives[0]: round(1 - t, 4), objectives[1]: round(t, 4)} for t in np.linspace(0, 1, points)]
+    corners = [{o: float(o == p) for o in objectives} for p in objectives]
+    return corners + [{o: 1 / len(objectives) for o in objectives}]
+
+
+def task_objectives(task_name: str) -> list[str]:
+    from pipeline.tasks import get_task
+
+    return [o["name"] for o in get_task(task_name).objectives]
+
+
+def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
+    """An ordinary single-head checkpoint of `policy` at `weights` (its objectives; others weigh 0)."""
+    from pipeline.models.checkpoint import load_tokenizer
+    from pipeline.models.multihead import MultiHeadPolicy, load_checked
+    from pipeline.train.mahdpo import merge_soup
+
+    kind = policy["kind"]
+    if kind == "hf":
+        from pipeline.models.registry import resolve_model
+
+        path = resolve_model(policy["path"])
+        m = MultiHeadPolicy(load_checked(path), ["all"], noise_std=0.0)
+        w = {"all": 1.0}
+    elif kind == "multihead":
+        path = policy["path"]
+        m = MultiHeadPolicy.load(path)
+        w = {o: weights.get(o, 0.0) for o in m.objectives}
+        if sum(w.values()) <= 0:  # a head trained on other objectives only: equal weights
+            w = {o: 1.0 for o in m.objectives}
+    else:  # soup: {objective: dir}
+        dirs = policy["paths"]
+        ws = [weights.get(o, 0.0) for o in dirs]
+        if sum(ws) <= 0:
+            ws = [1.0] * len(dirs)
+        m = merge_soup(list(dirs.values()), ws)
+        path = next(iter(dirs.values()))
+        w = [1.0]
+    return m.export_merged(w, out_dir, load_tokenizer(path))
+
+
+def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir: str, points: int = 3,
+             temperature: float = 0.0, guided: dict | None = None) -> list[dict]:
+    """Rows of per-objective means. `policies`: [{name, kind, path | paths, sweep: bool}]."""
+    from pipeline.eval.task_scores import score_task
+    from pipeline.rollout.stage import make_engine
+
+    by_task: dict[str, list[dict]] = {}
+    for p in problems:
+        by_task.setdefault(p["task"], []).append(p)
+    work = Path(work_dir)
+    plan = []  # (policy, task, weights)
+    for pol in policies:
+        for task in by_task:
+            ws = sweep(task_objectives(task), points) if pol.get("sweep") else [None]
+            plan += [(pol, task, w) for w in ws]
+    rows, engine = [], None
+    for i, (pol, task, w) in enumerate(plan):
+        ckpt = materialise(pol, w or {}, work / "merged" / f"m{i % 2}")
+        if engine is None:
+            import os
+
+            os.environ.update(engine_cfg.env)
+            engine = make_engine(engine_cfg, str(ckpt))
+        else:
+            engine.reload_weights(str(ckpt))
+        res = score_task(task, by_task[task], engine, temperature=temperature, seed=0)
+        for obj, s in res["objectives"].items():
+            rows.append({"policy": pol["name"], "weights": json.dumps(w) if w else None, "decoding": "plain",
+                         "task": task, "objective": obj, "mean": s["mean"], "n": s["n"]})
+        log.info("eval %s %s %s: %s", pol["name"], task, w or "", {o: round(s["mean"], 3) for o, s in res["objectives"].items()})
+    if engine is not None and hasattr(engine, "shutdown"):
+        engine.shutdown()
+    if guided:
+        rows += evaluate_guided(policies, by_task, **guided)
+    return rows
+
+
+def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm: str, tasks: list[str],
+                    n_problems: int, candidates: int = 4, max_steps: int = 6, max_step_tokens: int = 64,
+                    temperature: float = 0.7, policy_names: list[str] | None = None) -> list[dict]:
+    """PRM-guided decoding on multi-head policies at equal weights over each task's objectives."""
+    from pipeline.decoding.guided import guided_generate
+    from pipeline.models.checkpoint import load_tokenizer
+    from pipeline.models.multihead import MultiHeadPolicy
+    from pipeline.models.prm import VectorPRM
+    from pipeline.objectives import build_objectives
+    from pipeline.tasks import get_task
+
+    prm_model, prm_tok = VectorPRM.load(prm)
+    prm_model.eval()
+    rows = []
+    for pol in policies:
+        if pol["kind"] != "multihead" or (policy_names and pol["name"] not in policy_names):
+            continue
+        policy = MultiHeadPolicy.load(pol["path"]).eval()
+        tok = load_tokenizer(pol["path"])
+        for task_name in tasks:
+            task = get_task(task_name)
+            if task.multi_turn:
+                continue  # guided dialogues need the simulated user in the loop: not evaluated here
+            objs = task_objectives(task_name)
+            w = [1.0 if o in objs else 0.0 for o in policy.objectives]
+            prm_w = [1.0 if o in objs else 0.0 for o in prm_model.objectives]
+            items = []
+            for i, p in enumerate(by_task.get(task_name, [])[:n_problems]):
+                r = guided_generate(policy, tok, prm_model, prm_tok, p["prompt"], weights=w, prm_weights=prm_w,
+                                    candidates=candidates, max_steps=max_steps, max_step_tokens=max_step_tokens,
+                                    max_new_tokens=task.max_tokens, boundary="blank_lines" if task_name == "math_word"
+                                    else "sentences", temperature=temperature, seed=i)
+                meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
+                items.append({"prompt": p["prompt"], "response": tok.decode(r.token_ids, skip_special_tokens=True),
+                              "reference": p["reference"], "meta": meta})
+            for name, obj in build_objectives(task.objectives).items():
+                ok = [s for s in obj.score_batch(items) if s is not None]
+                rows.append({"policy": pol["name"], "weights": json.dumps({o: 1.0 / len(objs) for o in objs}),
+                             "decoding": f"guided(K={candidates})", "task": task_name, "objective": name,
+                             "mean": float(np.mean(ok)) if ok else float("nan"), "n": len(ok)})
+    return rows

@@ -1,0 +1,47 @@
+"""Evaluation helpers: Pareto front and hypervolume."""
+
+import numpy as np
+import pytest
+
+from pipeline.eval.pareto import hypervolume, pareto_front
+
+
+def test_pareto_front_and_hypervolume_by_hand():
+    pts = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.4, 0.4], [0.5, 0.5]])
+    assert sorted(pareto_front(pts).tolist()) == [0, 1, 2, 4]  # (0.4, 0.4) is dominated; ties both stay
+    # union of [0,1]x[0,0]... : rectangles 1x0 + 0x1 + 0.5x0.5 = 0.25
+    assert hypervolume(pts) == pytest.approx(0.25)
+    assert hypervolume(np.array([[0.6, 0.2], [0.2, 0.6]])) == pytest.approx(0.6 * 0.2 + 0.2 * 0.6 - 0.2 * 0.2)
+    assert hypervolume(np.array([[1.0, 1.0, 1.0]]), reference=np.array([0.5, 0.5, 0.5])) == pytest.approx(0.125)
+    assert hypervolume(np.zeros((0, 2))) == 0.0
+
+
+def test_eval_job_sweeps_weights_and_writes_report(tmp_path, tiny_model_dir, steerable_policy):
+    """jobs.eval on tiny models (transformers engine, weights swapped in place): a plain model and a
+    multi-head one along a 3-point sweep, plus guided decoding; Parquet, Markdown and plots written."""
+    import pyarrow.parquet as pq
+
+    from jobs.eval import main
+    from pipeline.data import write_records
+    from pipeline.models.prm import build_prm
+    from pipeline.tasks import assistant, math_word
+
+    probs = math_word.generate(2, 0, "eval")[0] + assistant.generate(2, 0, "eval")[0]
+    write_records(probs, tmp_path / "problems.parquet", "problem")
+    prm, tok = build_prm(tiny_model_dir, ["accuracy", "engagement"], {"accuracy": "soft", "engagement": "soft"})
+    prm.save(tmp_path / "prm", tokenizer=tok)
+    path, a, b = steerable_policy
+    policies = (f'[{{name: tiny, kind: hf, path: {tiny_model_dir}}}, '
+                f'{{name: steer, kind: multihead, path: {path}, sweep: true}}]')
+    out = main(["--problems", f"[{tmp_path / 'problems.parquet'}]", "--policies", policies, "--sweep_points", "3",
+                "--engine.kind", "transformers", "--engine.dtype", "float32", "--engine.env", "{}",
+                "--engine.engine_args", "{}", "--out_dir", str(tmp_path / "eval"),
+                "--guided", f"{{prm: {tmp_path / 'prm'}, n_problems: 1, candidates: 2, max_steps: 2, max_step_tokens: 8}}"])
+    rows = pq.read_table(tmp_path / "eval" / "scores.parquet").to_pylist()
+    steer_math = [r for r in rows if r["policy"] == "steer" and r["task"] == "math_word" and r["decoding"] == "plain"]
+    assert len(steer_math) == 3 * 2  # 3 weight vectors x 2 objectives
+    assert {r["decoding"] for r in rows} == {"plain", "guided(K=2)"}
+    assert len([r for r in rows if r["policy"] == "tiny"]) == 4  # 2 tasks x 2 objectives
+    assert (tmp_path / "eval" / "pareto_math_word.png").stat().st_size > 1000
+    assert "hypervolume" in (tmp_path / "eval" / "eval.md").read_text()
+    assert {f["policy"] for f in out["fronts"]} == {"tiny", "steer"}
