@@ -20,17 +20,16 @@ memory (targets <= 1.10x, <= 1.05x) and our pairs/s over TRL's (target >= 1.5x).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import report_child, run_side, run_trl, train_steps  # noqa: E402
 OBJECTIVES = ["accuracy", "engagement", "concision"]
 
 
@@ -70,70 +69,23 @@ def run_ours(args, n_heads: int) -> dict:
     groups = [[rows[i]] for i in range(len(rows))]
     t = tokenize_groups(groups_table(groups, head_of, {o: i for i, o in enumerate(OBJECTIVES)}), model_dir,
                         args.max_length, args.max_length // 2).to_pylist()
-    model = spec.build_model().train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    times = []
+    batches = []
     for s in range(args.steps):
         chunk = t[s * args.pairs_per_step: (s + 1) * args.pairs_per_step]
-        batch = spec.collate({k: np.array([x[k] for x in chunk], dtype=object) for k in chunk[0]})
-        t0 = time.perf_counter()
-        loss, _ = spec.loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        batches.append(spec.collate({k: np.array([x[k] for x in chunk], dtype=object) for k in chunk[0]}))
+    times = train_steps(spec, spec.build_model().train(), batches, args.lr)
     return {"times": times, "ref_precompute_s": ref_s}
 
 
-TRL_SCRIPT = r'''
-import json, os, sys, time, resource
-os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+TRL_BODY = r'''
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
-a = json.loads(sys.argv[1]); rows = json.load(open(a["data"]))
-torch.manual_seed(0)
-tok = AutoTokenizer.from_pretrained(a["model_dir"])
-if tok.pad_token is None: tok.pad_token = tok.eos_token
 model = AutoModelForCausalLM.from_pretrained(a["model_dir"], dtype=torch.float32)
 ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                          "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-times = []
-class T(TrainerCallback):
-    def on_step_begin(self, *args, **kw): self.t0 = time.perf_counter()
-    def on_step_end(self, *args, **kw): times.append(time.perf_counter() - self.t0)
-cfg = DPOConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], max_steps=a["steps"], max_length=a["max_length"],
-                learning_rate=a["lr"], bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
-                logging_steps=1000, use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant", seed=0,
-                beta=0.1, precompute_ref_log_probs=a["precompute"])
-tr = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[T()])
-tr.train()
-print("RESULT " + json.dumps({"times": times}))
+trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, precompute_ref_log_probs=a["precompute"], **common),
+                     train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
 '''
-
-
-def run_trl(args, precompute: bool) -> dict:
-    import tempfile
-
-    from pipeline.models.registry import resolve_model
-
-    tmp = tempfile.mkdtemp(prefix="bench-trl-dpo-")
-    data = os.path.join(tmp, "data.json")
-    json.dump(pairs(args.pairs_per_step * args.steps), open(data, "w"))
-    py = os.path.join(ROOT, ".venv-trl", "bin", "python")
-    if not os.path.exists(py):
-        sys.exit("the TRL side needs .venv-trl: run bench/setup_trl.sh (or pass --no-trl)")
-    a = {"data": data, "model_dir": resolve_model(args.model), "batch": args.pairs_per_step, "steps": args.steps,
-         "max_length": args.max_length, "lr": args.lr, "out": tmp, "precompute": precompute}
-    out = subprocess.run([py, "-c", TRL_SCRIPT, json.dumps(a)], capture_output=True, text=True,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"TRL side failed:\n{out.stderr[-3000:]}")
-    r = json.loads(line[len("RESULT "):])
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return r
 
 
 def main() -> None:
@@ -148,20 +100,17 @@ def main() -> None:
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:  # child process: one side, its own peak memory
-        r = run_ours(args, int(args.side[2:])) if args.side.startswith("mh") else run_trl(args, args.side == "trl_pre")
-        r.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        print("RESULT " + json.dumps(r))
-        return
+        if args.side.startswith("mh"):
+            return report_child(run_ours(args, int(args.side[2:])))
+        from pipeline.models.registry import resolve_model
+
+        return report_child(run_trl(TRL_BODY, pairs(args.pairs_per_step * args.steps), {
+            "model_dir": resolve_model(args.model), "batch": args.pairs_per_step, "steps": args.steps,
+            "max_length": args.max_length, "lr": args.lr, "precompute": args.side == "trl_pre"}))
     sides = ["mh1", "mh3"] + ([] if args.no_trl else ["trl", "trl_pre"])
     res = {}
     for side in sides:
-        cmd = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                            if k not in ("side", "no_trl")]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(line[len("RESULT "):])
+        r = run_side(__file__, side, args)
         step = statistics.median(r["times"][args.warmup:])
         res[side] = {"step_s": step, "pairs_per_s": args.pairs_per_step / step, "peak_rss_mb": r["peak_rss_mb"],
                      "ref_precompute_s": r.get("ref_precompute_s")}

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import report_child, run_side, run_trl, train_steps  # noqa: E402
 
 
 def examples(n: int) -> list[dict]:
@@ -58,79 +57,27 @@ def run_ours(args) -> dict:
     rows = [{"prompt": e["prompt"], "completions": e["completions"], "labels": [[x] for x in e["labels"]],
              "prompt_key": json.dumps(e["prompt"])} for e in examples(args.batch * args.steps)]
     tok = tokenize_prm(pa.Table.from_pylist(rows), model_dir, "<|step|>", args.max_length).to_pylist()
-    model = spec.build_model().float().train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    times, tokens = [], 0
+    batches = []
     for s in range(args.steps):
         chunk = tok[s * args.batch: (s + 1) * args.batch]
         batch = {}
         for k in chunk[0]:  # as Ray Data hands them: one array per row
             batch[k] = np.empty(len(chunk), dtype=object)
             batch[k][:] = [np.asarray(r[k]) for r in chunk]
-        batch = spec.collate(batch)
-        t0 = time.perf_counter()
-        loss, _ = spec.loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        tokens += int(batch["attention_mask"].sum())
-    return {"times": times, "tokens": tokens}
+        batches.append(spec.collate(batch))
+    return {"times": train_steps(spec, spec.build_model().float().train(), batches, args.lr)}
 
 
-TRL_SCRIPT = r'''
-import json, os, sys, time
-os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-import torch
-from datasets import Dataset
-from transformers import AutoModelForTokenClassification, AutoTokenizer, TrainerCallback
+TRL_BODY = r'''
+from transformers import AutoModelForTokenClassification
 from trl.experimental.prm import PRMConfig, PRMTrainer
-a = json.loads(sys.argv[1]); rows = json.load(open(a["data"]))
-torch.manual_seed(0)
-tok = AutoTokenizer.from_pretrained(a["model_dir"])
-if tok.pad_token is None: tok.pad_token = tok.eos_token
 model = AutoModelForTokenClassification.from_pretrained(a["model_dir"], num_labels=2, dtype=torch.float32)
 model.config.pad_token_id = tok.pad_token_id
 ds = Dataset.from_list([{"prompt": tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
                          "completions": r["completions"], "labels": [bool(x) for x in r["labels"]]} for r in rows])
-times = []
-class T(TrainerCallback):
-    def on_step_begin(self, *args, **kw): self.t0 = time.perf_counter()
-    def on_step_end(self, *args, **kw): times.append(time.perf_counter() - self.t0)
-cfg = PRMConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], max_steps=a["steps"], max_length=a["max_length"],
-                learning_rate=a["lr"], bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
-                logging_steps=1000, use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant", seed=0,
-                step_separator="\n")
-tr = PRMTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[T()])
-tr.train()
-import resource
-print("RESULT " + json.dumps({"times": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+trainer = PRMTrainer(model=model, args=PRMConfig(step_separator="\n", **common), train_dataset=ds,
+                     processing_class=tok, callbacks=[StepTimer()])
 '''
-
-
-def run_side(side: str, args) -> dict:
-    if side == "ours":
-        r = run_ours(args)
-        r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return r
-    from pipeline.models.registry import resolve_model
-
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix="bench-trl-")
-    data = os.path.join(tmp, "data.json")
-    json.dump(examples(args.batch * args.steps), open(data, "w"))
-    py = os.path.join(ROOT, ".venv-trl", "bin", "python")
-    if not os.path.exists(py):
-        sys.exit("TRL baseline needs .venv-trl: run bench/setup_trl.sh")
-    a = {"data": data, "model_dir": resolve_model(args.model), "batch": args.batch, "steps": args.steps,
-         "max_length": args.max_length, "lr": args.lr, "out": tmp}
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([py, "-c", TRL_SCRIPT, json.dumps(a)], capture_output=True, text=True, env=env)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"TRL side failed:\n{out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
 
 
 def main() -> None:
@@ -143,18 +90,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.side:  # child process
-        print("RESULT " + json.dumps(run_side(args.side, args)))
-        return
+    if args.side == "ours":
+        return report_child(run_ours(args))
+    if args.side == "trl":
+        from pipeline.models.registry import resolve_model
+
+        return report_child(run_trl(TRL_BODY, examples(args.batch * args.steps),
+                                    {"model_dir": resolve_model(args.model), "batch": args.batch, "steps": args.steps,
+                                     "max_length": args.max_length, "lr": args.lr}))
     res = {}
     for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                            if k != "side"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(line[len("RESULT "):])
+        r = run_side(__file__, side, args)
         steady = r["times"][args.warmup:]
         res[side] = {"examples_per_s": args.batch * len(steady) / sum(steady), "peak_rss_mb": r["peak_rss_mb"]}
         print(f"{side:5s} {res[side]['examples_per_s']:.2f} examples/s   peak RSS {res[side]['peak_rss_mb']:.0f} MiB")

@@ -138,15 +138,6 @@ class MainTaskDataConfig(Strict):
     seed: int = 0
 
 
-class MainJobConfig(Strict):
-    """The whole pipeline on the built-in tasks (jobs.main)."""
-
-    run_dir: str = "runs/main"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tasks: MainTaskDataConfig = Field(default_factory=MainTaskDataConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class EngineConfig(Strict):
@@ -372,6 +363,40 @@ class EvalJobConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     guided: GuidedEvalConfig | None = None
     out_dir: str = "runs/eval"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class MainSizes(Strict):
+    """How much each stage of the main job does (per task family unless said otherwise)."""
+
+    rollout_problems: int = Field(32, ge=1)
+    rollout_samples: int = Field(4, ge=1)
+    demo_trajectories: int = Field(64, ge=0)  # math demonstrations (+ corrupted copies) added to the PRM data
+    label_k: int = Field(4, ge=1)
+    pair_problems: int = Field(64, ge=1)
+    pair_candidates: int = Field(4, ge=2)
+    min_margin: float = Field(0.05, ge=0)
+    score_with_objective: list[str] = Field(default_factory=list)  # objectives scored by their verifier/judge, not the PRM
+    eval_per_task: int = Field(32, ge=1)
+    sweep_points: int = Field(5, ge=2)
+    guided_problems: int = Field(8, ge=0)  # 0: no guided decoding in the evaluation
+    guided_candidates: int = Field(4, ge=1)
+
+
+class MainJobConfig(Strict):
+    """The whole pipeline on the built-in tasks (jobs.main)."""
+
+    run_dir: str = "runs/main"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: MainTaskDataConfig = Field(default_factory=MainTaskDataConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)  # SFT
+    sizes: MainSizes = Field(default_factory=MainSizes)
+    engine: EngineConfig = Field(default_factory=EngineConfig)  # rollout, labelling, candidates, evaluation
+    prm_train: TrainConfig = Field(default_factory=TrainConfig)
+    policy_train: TrainConfig = Field(default_factory=TrainConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    serve_check: bool = True
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
