@@ -400,6 +400,19 @@ class MainJobConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class PrepareDataConfig(Strict):
+    """Public data sets into our records (jobs.prepare_data)."""
+
+    source: Literal["ultrafeedback", "math"]
+    dataset: str  # a hub name (e.g. openbmb/UltraFeedback, EleutherAI/hendrycks_math) or a local file / saved set
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+    aspects: list[str] = ["helpfulness", "honesty", "truthfulness"]  # ultrafeedback: one objective per aspect
+    min_margin: float = Field(1.0, ge=0)  # ultrafeedback: rating gap between chosen and rejected
+    out_dir: str = "runs/data"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class ScoreTasksConfig(Strict):
     """Per-objective scores of one policy on the held-out built-in tasks (jobs.score_tasks)."""
 

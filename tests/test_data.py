@@ -157,3 +157,35 @@ def test_ray_data_streams_shards(tmp_path, ray_session):
 def test_missing_local_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.parquet: no such file"):
         read_records(str(tmp_path / "missing.parquet"), "sft")
+
+
+def test_ultrafeedback_and_math_converters(tmp_path):
+    """Per-aspect best-vs-worst pairs from UltraFeedback rows; MATH problems with the boxed answer;
+    a row lacking what it needs is an error naming the row and field."""
+    import json
+
+    from jobs.prepare_data import main
+    from pipeline.data.converters import boxed_answer, ultrafeedback_pairs
+    from pipeline.data.records import RecordError
+
+    def comp(resp, h, t):
+        return {"response": resp, "annotations": {"helpfulness": {"Rating": str(h)}, "truthfulness": {"Rating": t}}}
+
+    rows = [{"instruction": "Name a prime.", "completions": [comp("7", 5, "5"), comp("9", 2, "N/A"), comp("2", 4, "5")]},
+            {"instruction": "Say hi.", "completions": [comp("hi", 3, "4"), comp("hello", 3, "4")]}]
+    pairs, skipped = ultrafeedback_pairs(rows, ["helpfulness", "truthfulness"])
+    assert [(p["objective"], p["chosen"], p["rejected"]) for p in pairs] == [("helpfulness", "7", "9"),]
+    assert skipped == {"too_few_rated": 0, "margin": 3}  # truthfulness 5 vs 5, and both aspects of "Say hi."
+    with pytest.raises(RecordError, match="row 0: field 'completions.annotations.honesty'"):
+        ultrafeedback_pairs(rows, ["honesty"])
+    assert boxed_answer("so $x = \\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
+    src = tmp_path / "math.jsonl"
+    src.write_text(json.dumps({"problem": "What is 1+1?", "solution": "1+1 = \\boxed{2}.", "level": "Level 1"}) + "\n")
+    out = main(["--source", "math", "--dataset", str(src), "--out_dir", str(tmp_path / "out")])
+    from pipeline.data import read_records
+
+    probs = read_records([out["problems"]], "problem")[0].to_pylist()
+    assert probs[0]["reference"] == "2" and probs[0]["task"] == "math_word"
+    src.write_text(json.dumps({"problem": "What is 1+1?", "solution": "two"}) + "\n")
+    with pytest.raises(RecordError, match="row 0: field 'solution'"):
+        main(["--source", "math", "--dataset", str(src), "--out_dir", str(tmp_path / "out2")])

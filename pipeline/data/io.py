@@ -204,3 +204,12 @@ def write_records(records: pa.Table | list[dict], path: str | os.PathLike, kind:
     else:
         raise ValueError(f"{path}: unknown format; use .parquet or .jsonl")
     return str(path)
+
+
+def load_raw_rows(path: str, split: str = "train") -> list[dict]:
+    """Rows of a file (Parquet / JSONL / JSON array) or a Hugging Face data set (saved or by hub name),
+    as they are: for converters of public formats (pipeline.data.converters)."""
+    p = Path(path)
+    if p.is_file():
+        return list(_raw_rows_file(str(p)))
+    return _load_hf(path, split)[0]
