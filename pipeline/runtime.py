@@ -1,7 +1,9 @@
 """Ray start-up shared by every job: one place that decides the runtime environment.
 
-Precedence for environment variables: the user's (config `ray.runtime_env.env_vars`,
-then the launching shell's) over ours. Ours only fill gaps.
+Precedence for environment variables: the user's (the runtime env given to `ray job
+submit`, then config `ray.runtime_env.env_vars`, then the launching shell's) over ours.
+Ours only fill gaps. Inside a Ray job, Ray refuses a driver runtime env that sets a
+field or variable the job's runtime env already sets; those are left to the job's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ def runtime_env(cfg: RayConfig) -> dict:
     return {**user, "env_vars": env}
 
 
+def job_runtime_env() -> dict:
+    """The runtime env this driver's Ray job was submitted with ({} outside a job)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+def without_job_keys(renv: dict, job: dict) -> dict:
+    """Drop what the job's runtime env sets already: the submitter's values win, and Ray raises on overlaps."""
+    job_vars = job.get("env_vars") or {}
+    out = {k: v for k, v in renv.items() if k != "env_vars" and k not in job}
+    out["env_vars"] = {k: v for k, v in renv.get("env_vars", {}).items() if k not in job_vars}
+    return out
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Start or join Ray. Local Ray gets more logical CPUs than cores (Ray Data + Train deadlock trap)."""
     import ray
@@ -46,7 +64,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
-    renv = runtime_env(cfg)
+    renv = without_job_keys(runtime_env(cfg), job_runtime_env())
     # The driver process reads the same variables (e.g. TORCH_EXTENSIONS_DIR for its own imports).
     for k, v in renv["env_vars"].items():
         os.environ.setdefault(k, v)
