@@ -62,6 +62,10 @@ def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
                   "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": "tests", "TOKENIZERS_PARALLELISM": "true",
                                                                  "HF_HUB_OFFLINE": "1"}}),
                   "--", "python", "-m", "jobs.label_steps", "--config", str(tmp_path / "label.yaml")]
+        deadline = time.time() + 90  # the job agent comes up a little after `ray start` returns
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+            assert time.time() < deadline, "the job server did not come up"
+            time.sleep(1)
         denied = subprocess.run(submit, env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True, timeout=120)
         assert denied.returncode != 0  # a wrong token is refused
         r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
