@@ -51,8 +51,12 @@ def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     gcs, dash = _port(), _port()
     tmp_ray = Path("/tmp") / f"rj{uuid.uuid4().hex[:6]}"  # short: unix socket paths have a length limit
+    # Every port explicit: the test session's own Ray already holds the default agent ports.
+    ports = [f"--{name}={_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                 "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                                                 "object-manager-port", "ray-client-server-port")]
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp_ray}"],
+                    "--dashboard-host=127.0.0.1", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp_ray}", *ports],
                    env=env, check=True, capture_output=True)
     try:
         cfg = write_inputs(tmp_path, n_shards=2, per_shard=2)
@@ -68,7 +72,11 @@ def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
             time.sleep(1)
         denied = subprocess.run(submit, env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True, timeout=120)
         assert denied.returncode != 0  # a wrong token is refused
-        r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(20):  # the job agent may still be starting: Ray says "try again later"
+            r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in r.stderr + r.stdout:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "label_steps: 2 shards written (4 rows)" in r.stdout
         from pipeline.data import read_records
@@ -76,7 +84,20 @@ def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
         rows = read_records([str(tmp_path / "labels")], "stepwise")[0].to_pylist()
         assert len(rows) == 4 and {r["objective"] for r in rows} == {"accuracy"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True)
+        _stop_cluster(tmp_ray)
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Stop only the cluster this test started: `ray stop` would kill every Ray on the machine,
+    the test session's own included."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
 
 
 # --- cluster definitions --------------------------------------------------------------------------
