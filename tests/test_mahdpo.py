@@ -155,9 +155,30 @@ def test_plan_runs_single_pools_the_same_pairs_and_soup_splits_them():
     (_, heads_s, pooled, head_of_s, _), = plan_runs("single", ["a", "b"], by_obj, [], 0)
     assert heads_s == ["pooled"] and set(head_of_s.values()) == {0}
     assert sorted(r["id"] for g in pooled for r in g) == sorted(r["id"] for g in groups for r in g)
-    soup = plan_runs("soup", ["a", "b"], by_obj, [{"id": "h", "objective": "b"}], 0)
-    assert [s[0] for s in soup] == ["a", "b"] and all(len(g) == 1 for s in soup for g in s[2])
-    assert soup[1][4] == [{"id": "h", "objective": "b"}] and soup[0][4] == []
+    (_, heads_p, groups_p, head_of_p, _), = plan_runs("soup", ["a", "b"], by_obj, [], 0)
+    assert heads_p == ["a", "b"] and head_of_p == {"a": 0, "b": 1} and groups_p == groups  # member i gets pair i
+
+
+def test_soup_members_train_independently_and_export_each(tmp_path, tiny_model_dir):
+    """A pair of objective 0 moves member 0 only; each member exports as its own policy."""
+    from pipeline.train.mahdpo import SoupMembers, export_soup
+
+    soup = SoupMembers.from_sft(tiny_model_dir, ["a", "b"])
+    before = [p.detach().clone() for p in soup.members[1].parameters()]
+    ids = torch.randint(0, 200, (2, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = soup(ids, torch.ones_like(ids), head_ids=torch.tensor([0, 0]))
+    single = soup.members[0](ids, torch.ones_like(ids), head_ids=0).logits
+    assert torch.allclose(out.logits, single, atol=1e-5)
+    lp = sequence_logps(out.logits, labels)
+    dpo_loss(lp[:1], lp[1:], torch.zeros(1), torch.zeros(1), beta=0.1)[0].sum().backward()
+    assert all(p.grad is None for p in soup.members[1].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in soup.members[0].parameters())
+    export_soup(soup, soup.state_dict(), str(tmp_path / "model"), tiny_model_dir)
+    a = MultiHeadPolicy.load(tmp_path / "a" / "model")
+    assert a.objectives == ["a"] and torch.equal(a.heads, soup.members[0].heads.detach())
+    assert all(torch.equal(x, y) for x, y in zip(before, MultiHeadPolicy.load(tmp_path / "b" / "model").parameters()))
 
 
 @pytest.mark.slow

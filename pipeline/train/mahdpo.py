@@ -12,8 +12,8 @@ jobs.ref_logps); where a row lacks them, the worker computes them with the SFT
 model, which is the reference policy of every head.
 
 Methods: `mahdpo` (one head per objective), `single` (one head, DPO on the pooled
-pairs, the same truncated pairs), `soup` (one single-head DPO model per objective;
-`merge_soup` averages their weights).
+pairs, the same truncated pairs), `soup` (one single-head DPO model per objective,
+trained side by side in one run; `merge_soup` averages their weights).
 """
 
 from __future__ import annotations
@@ -153,17 +153,55 @@ def export_policy(module: MultiHeadPolicy, state_dict: dict, out_dir: str, token
     module.save(out_dir, tokenizer=_tokenizer(tokenizer_dir), state_dict=state_dict)
 
 
-def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf16: bool, params: dict | None = None) -> TrainSpec:
-    """heads: the policy's head names; objectives: the names pairs are tagged with (metrics)."""
+class SoupMembers(torch.nn.Module):
+    """The single-head DPO models of a soup, trained side by side in one run: each pair goes
+    through its own objective's member only, so each member learns from its objective's pairs
+    alone, as in separate runs (the loss is the members' mean, a scale Adam ignores), and the
+    cluster starts one training run instead of one per objective."""
+
+    def __init__(self, members: list[MultiHeadPolicy]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.config = members[0].config
+
+    @classmethod
+    def from_sft(cls, path, objectives, noise_std=1e-3, seed=0, dtype="float32") -> "SoupMembers":
+        return cls([MultiHeadPolicy.from_sft(path, [o], noise_std, seed, dtype) for o in objectives])
+
+    def forward(self, input_ids, attention_mask=None, head_ids=None, **kw):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        parts, order = [], []
+        for j in torch.unique(head_ids).tolist():
+            idx = (head_ids == j).nonzero().squeeze(1)
+            parts.append(self.members[j](input_ids.index_select(0, idx), attention_mask.index_select(0, idx),
+                                         head_ids=0).logits)
+            order.append(idx)
+        logits = torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
+        return CausalLMOutputWithPast(logits=logits)
+
+
+def export_soup(module: SoupMembers, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
+    """Each member as its own policy: <output_dir>/<objective>/model."""
+    for j, m in enumerate(module.members):
+        prefix = f"members.{j}."
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        m.save(Path(out_dir).parent / m.objectives[0] / "model", tokenizer=_tokenizer(tokenizer_dir), state_dict=sd)
+
+
+def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf16: bool, params: dict | None = None,
+               soup: bool = False) -> TrainSpec:
+    """heads: the policy's head names; objectives: the names pairs are tagged with (metrics).
+    soup: one single-head model per head name instead of one multi-head model."""
+    build = SoupMembers.from_sft if soup else MultiHeadPolicy.from_sft
     return TrainSpec(
-        build_model=functools.partial(MultiHeadPolicy.from_sft, model_dir, heads, dpo.noise_std, dpo.seed,
-                                      "bfloat16" if bf16 else "float32"),
+        build_model=functools.partial(build, model_dir, heads, dpo.noise_std, dpo.seed, "bfloat16" if bf16 else "float32"),
         collate=PairCollate(_tokenizer(model_dir).pad_token_id),
         loss=functools.partial(mahdpo_loss, objectives=objectives,
                                head_weights=[dpo.loss_weights.get(h, 1.0) for h in heads], beta=dpo.beta,
                                loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing, ref_model=model_dir,
                                ref_dtype=dpo.ref_dtype),
-        export=functools.partial(export_policy, tokenizer_dir=model_dir),
+        export=functools.partial(export_soup if soup else export_policy, tokenizer_dir=model_dir),
         params=params or {},
     )
 
@@ -215,9 +253,9 @@ def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]],
         pooled = [[r] for g in cut for r in g]
         random.Random(seed).shuffle(pooled)
         return [("", ["pooled"], pooled, {o: 0 for o in objectives}, held)]
-    # soup: one single-head model per objective, on that objective's (cut) pairs
-    return [(o, [o], [[g[i]] for g in cut], {o: 0}, [r for r in held if r["objective"] == o])
-            for i, o in enumerate(objectives)]
+    # soup: one single-head model per objective, each on its objective's pairs (the balanced groups
+    # route pair i of a group to member i), all trained in one run
+    return [("", objectives, cut, index, held)]
 
 
 def run_fit_policy(cfg) -> dict[str, FitResult]:
@@ -262,11 +300,17 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         datasets = {"train": dataset(groups, head_of)}
         if evals:
             datasets["eval"] = dataset([[r] for r in evals], {**{o: head_of.get(o, 0) for o in objectives}})
-        spec = build_spec(model_dir, heads, objectives, cfg.dpo, cfg.train.bf16,
+        spec = build_spec(model_dir, heads, objectives, cfg.dpo, cfg.train.bf16, soup=cfg.method == "soup",
                           params={"method": cfg.method, "heads": heads, "model": model_dir, **cfg.dpo.model_dump()})
         log.info("fit_policy[%s%s]: %d groups of %d pair(s), heads %s", cfg.method, f":{name}" if name else "",
                  len(groups), len(groups[0]), heads)
-        results[name or cfg.method] = fit(spec, cfg.train, datasets, run_name=f"{cfg.run_name}{'-' + name if name else ''}",
-                                          num_train_rows=len(groups), log_dir=str(sub / "logs"),
-                                          export_dir=str(sub / "model"))
+        r = fit(spec, cfg.train, datasets, run_name=f"{cfg.run_name}{'-' + name if name else ''}",
+                num_train_rows=len(groups), log_dir=str(sub / "logs"), export_dir=str(sub / "model"))
+        if cfg.method == "soup":  # one result per member, each with its own export
+            import dataclasses
+
+            for o in objectives:
+                results[o] = dataclasses.replace(r, export_dir=str(out / o / "model"))
+        else:
+            results[name or cfg.method] = r
     return results
