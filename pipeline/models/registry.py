@@ -86,7 +86,8 @@ def resolve_model(name_or_path: str) -> str:
     if p.exists():
         from pipeline.models.checkpoint import check_safetensors
 
-        return str(check_safetensors(p))
+        # absolute: Ray workers (training, engines) do not run in the driver's working directory
+        return str(check_safetensors(p).resolve())
     if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name_or_path}: model directory not found")
     if os.environ.get("HF_HUB_OFFLINE") == "1":

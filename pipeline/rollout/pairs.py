@@ -159,7 +159,7 @@ def run_build_pairs(cfg) -> dict:
             cands_t = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
             if cfg.prm:
                 cands_t = pa.concat_tables(list(ray.data.from_arrow(cands_t).map_batches(
-                    PRMBatchScorer, fn_constructor_kwargs={"prm_dir": cfg.prm}, batch_format="pyarrow", batch_size=16,
+                    PRMBatchScorer, fn_constructor_kwargs={"prm_dir": str(Path(cfg.prm).resolve())}, batch_format="pyarrow", batch_size=16,
                     concurrency=1, num_cpus=cfg.ref_num_cpus, num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
             tmp = cand_file.with_suffix(".tmp")
             pq.write_table(cands_t, tmp)

@@ -367,6 +367,10 @@ def build_app(cfg: ServeConfig):
     from pipeline.models.checkpoint import load_tokenizer
     from pipeline.models.multihead import MultiHeadPolicy
 
+    # absolute paths: replicas do not run in the driver's working directory
+    cfg = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())}),
+        "prm": str(Path(cfg.prm).resolve()) if cfg.prm else None})
     presets = {}
     if cfg.presets:
         policy = MultiHeadPolicy.load(cfg.model.name_or_path)
@@ -376,7 +380,7 @@ def build_app(cfg: ServeConfig):
             policy.export_merged(w, out, tok)  # validates the weights (a bad preset fails here, by name)
             eng = cfg.preset_engine
             presets[name] = PresetLM.options(name=f"preset-{name}", ray_actor_options={
-                "num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}).bind(str(out), eng.model_dump())
+                "num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}).bind(str(out.resolve()), eng.model_dump())
     actor = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
     if cfg.api_key_env:  # the key travels from the driver's environment to the replicas, never through config
         key = os.environ.get(cfg.api_key_env)

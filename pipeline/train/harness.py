@@ -91,28 +91,41 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def _mean_across_workers(metrics: dict[str, float], device) -> dict[str, float]:
+    """Mean of each metric over the workers that have it. Workers may hold different keys (a
+    PRM micro-batch without labels of one objective), so the key sets are agreed first: every
+    rank must run the same collectives."""
     import torch.distributed as dist
 
-    if not metrics or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    key_sets = [None] * dist.get_world_size()
+    dist.all_gather_object(key_sets, sorted(metrics))
+    keys = sorted(set().union(*key_sets))
+    if not keys:
+        return {}
+    t = torch.tensor([metrics.get(k, 0.0) for k in keys] + [float(k in metrics) for k in keys],
+                     dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+    sums, counts = t[: len(keys)].tolist(), t[len(keys):].tolist()
+    return {k: v / c for k, v, c in zip(keys, sums, counts) if c > 0}
 
 
 class _Averager:
+    """Per-key mean over the micro-batches that reported the key."""
+
     def __init__(self):
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.n = 0
 
     def add(self, metrics: dict[str, Any]) -> None:
         self.n += 1
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().float().item() if torch.is_tensor(v) else v)
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def mean(self) -> dict[str, float]:
-        return {k: v / max(1, self.n) for k, v in self.sums.items()}
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
 def _say(msg: str) -> None:

@@ -10,6 +10,7 @@ per objective.
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import json
 import math
@@ -21,6 +22,8 @@ import torch
 from pipeline.models.prm import DEFAULT_SEPARATOR, VectorPRM, build_prm, encode_steps
 from pipeline.train.prm_losses import bradley_terry, combine, masked_step_losses, outcome_pairs
 from pipeline.train.harness import FitResult, TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 def merge_stepwise(rows: list[dict], objectives: list[str]) -> list[dict]:
@@ -175,9 +178,17 @@ def run_fit_prm(cfg) -> FitResult:
         seen = {r["label_kind"] for r in rows if r["objective"] == o}
         if not seen:
             raise ValueError(f"objective {o!r} has no rows in {cfg.data.paths}")
-        if len(seen) > 1 and o not in cfg.outcome_objectives:
+        if o in cfg.outcome_objectives:
+            kinds.append("outcome")
+        elif seen == {"hard", "soft"}:
+            # e.g. math accuracy (MC values) and tutoring accuracy (judge votes): a 0/1 label is a
+            # valid soft target, so the objective trains on MSE throughout
+            log.warning("objective %r has soft and hard labels: all are trained as soft targets (MSE)", o)
+            kinds.append("soft")
+        elif len(seen) > 1:
             raise ValueError(f"objective {o!r} mixes label kinds {sorted(seen)}; label it one way")
-        kinds.append("outcome" if o in cfg.outcome_objectives else seen.pop())
+        else:
+            kinds.append(seen.pop())
     examples = merge_stepwise(rows, objectives)
     # Held-out by prompt, so no prompt is in both sets.
     def held(ex):

@@ -1,6 +1,7 @@
 """Held-out PRM metrics per objective, from all step predictions and labels.
 
-    soft     mse, and mse_mean_baseline (predicting the mean label) to beat;
+    soft     mse, and mse_mean_baseline (predicting the mean label) to beat; auroc of the output
+             against the label thresholded at 0.5 (is a good step ranked above a bad one);
     hard     step_accuracy (sigmoid(output) >= 0.5), auroc;
     outcome  pairwise_accuracy over responses to the same prompt with different outcomes.
 """
@@ -35,7 +36,8 @@ def objective_metrics(kind: str, preds: np.ndarray, labels: np.ndarray, groups: 
     if len(y) == 0:
         return {}
     if kind == "soft":
-        return {"mse": float(np.mean((p - y) ** 2)), "mse_mean_baseline": float(np.mean((y - y.mean()) ** 2)), "n": len(y)}
+        return {"mse": float(np.mean((p - y) ** 2)), "mse_mean_baseline": float(np.mean((y - y.mean()) ** 2)),
+                "auroc": auroc(p, (y >= 0.5).astype(np.float64)), "n": len(y)}
     if kind == "hard":
         return {"step_accuracy": float(np.mean((p >= 0) == (y >= 0.5))), "auroc": auroc(p, y), "n": len(y)}
     g = groups[keep]
