@@ -134,3 +134,34 @@ def test_plan_and_schedule():
     assert [round(f(s), 3) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     ds = deepspeed_config(TrainConfig(zero_stage=3, micro_batch_size=2, grad_accum=4, deepspeed={"bf16": {"enabled": False}}), 8)
     assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": False}
+
+
+def _mean_worker(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from pipeline.train.harness import _mean_across_workers
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # rank 0 saw objective b, rank 1 did not (a PRM micro-batch without its labels)
+    got = _mean_across_workers({"loss": 1.0 + rank, **({"b": 4.0} if rank == 0 else {})}, "cpu")
+    out.put((rank, got))
+    dist.destroy_process_group()
+
+
+def test_metrics_with_different_keys_per_worker_average_over_those_that_have_them():
+    """Regression: ranks with different metric keys once ran mismatched all_reduces and aborted gloo."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_mean_worker, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert res[0] == res[1] == {"b": 4.0, "loss": 1.5}
