@@ -159,19 +159,24 @@ def main(argv: list[str] | None = None) -> dict:
     ev = stages.run("eval", eval_stage)
 
     def serve_stage() -> dict:
+        import socket
+
         from ray import serve
 
         from jobs.serve import smoke
         from pipeline.serve.app import build_app
 
+        with socket.socket() as sock:  # any free port: the check must not collide with a running server
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         scfg = ServeConfig(model=ModelConfig(name_or_path=policies["mahdpo"]["mahdpo"]["model_dir"]),
-                           model_name="mahalo", prm=prm["model_dir"], http_port=8765, work_dir=str(run / "serve"))
+                           model_name="mahalo", prm=prm["model_dir"], http_port=port, work_dir=str(run / "serve"))
         serve.start(http_options={"host": scfg.http_host, "port": scfg.http_port})
         serve.run(build_app(scfg), name="mahalo-main", route_prefix="/")
         try:
             return {"answers": smoke(scfg)}
         finally:
-            serve.delete("mahalo-main")
+            serve.shutdown()  # the HTTP proxy too, so a later Serve start gets its own options
 
     served = stages.run("serve", serve_stage) if cfg.serve_check else {}
 
