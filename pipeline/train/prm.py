@@ -189,6 +189,13 @@ def run_fit_prm(cfg) -> FitResult:
             raise ValueError(f"objective {o!r} mixes label kinds {sorted(seen)}; label it one way")
         else:
             kinds.append(seen.pop())
+    for o, kind in zip(objectives, kinds):  # a PRM cannot rank what its labels never show
+        vals = [x for r in rows if r["objective"] == o for x in r["labels"] if x is not None]
+        pos = sum(x >= 0.5 for x in vals)
+        log.info("fit_prm: %s (%s): %d labelled steps, %d at or above 0.5", o, kind, len(vals), pos)
+        if kind != "outcome" and (pos < 5 or len(vals) - pos < 5):
+            log.warning("fit_prm: objective %r has %d labels >= 0.5 and %d below: too one-sided to learn a ranking; "
+                        "label more (or stronger) trajectories", o, pos, len(vals) - pos)
     examples = merge_stepwise(rows, objectives)
     # Held-out by prompt, so no prompt is in both sets.
     def held(ex):
