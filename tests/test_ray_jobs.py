@@ -48,7 +48,9 @@ def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
 
     token = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                # the job's `python` is the cluster's: here this venv's, whether or not the shell activated it
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")})
     gcs, dash = _port(), _port()
     tmp_ray = Path("/tmp") / f"rj{uuid.uuid4().hex[:6]}"  # short: unix socket paths have a length limit
     # Every port explicit: the test session's own Ray already holds the default agent ports.
