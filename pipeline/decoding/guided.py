@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from pipeline.decoding.mixing import sample
+from pipeline.decoding.mixing import eos_ids, sample
 
 BOUNDARIES = ("blank_lines", "sentences", "turn")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s|$)")
@@ -62,8 +62,7 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
         raise ValueError(f"boundary {boundary!r}: use one of {BOUNDARIES}")
     dev = policy.device
     w = torch.as_tensor(weights, dtype=policy.heads.dtype, device=dev)
-    cfg_eos = policy.config.eos_token_id
-    eos = {tokenizer.eos_token_id} | (set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None})
+    eos = eos_ids(tokenizer, policy.config)
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     gen = torch.Generator().manual_seed(seed)

@@ -14,6 +14,12 @@ import torch
 from transformers import DynamicCache
 
 
+def eos_ids(tokenizer, config) -> set[int]:
+    """The tokenizer's end of sequence and every one the model config names (chat models often list several)."""
+    cfg_eos = config.eos_token_id
+    return {tokenizer.eos_token_id} | (set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None})
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy at temperature 0; else nucleus sampling. logits [B, V] -> [B]."""
     if temperature <= 0:

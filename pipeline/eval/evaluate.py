@@ -35,7 +35,7 @@ def sweep(objectives: list[str], points: int) -> list[dict[str, float]]:
 def task_objectives(task_name: str) -> list[str]:
     from pipeline.tasks import get_task
 
-    return [o["name"] for o in get_task(task_name).objectives]
+    return get_task(task_name).objective_names
 
 
 def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:

@@ -172,6 +172,11 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
     return VectorPRM(backbone, objectives, label_kinds, separator, sep_id), tok
 
 
+def _messages(prompt):
+    """A prompt as chat messages (some shards keep it as a JSON string, so any dialogue fits one column)."""
+    return json.loads(prompt) if isinstance(prompt, str) else prompt
+
+
 class PRMScorer:
     """A Ray Data batch scorer: `ds.map_batches(PRMScorer, fn_constructor_kwargs={"prm_dir": d}, concurrency=n)`.
     Adds `step_rewards` (list per step of one reward per objective, in head order) to rows with
@@ -188,7 +193,7 @@ class PRMScorer:
 
         col = "steps" if "steps" in batch.column_names else "completions"
         rewards = [self.model.score(self.tok, p, s, self.max_length).tolist()
-                   for p, s in zip(batch.column("prompt").to_pylist(), batch.column(col).to_pylist())]
+                   for p, s in zip(map(_messages, batch.column("prompt").to_pylist()), batch.column(col).to_pylist())]
         return batch.append_column("step_rewards", pa.array(rewards, pa.list_(pa.list_(pa.float32()))))
 
 

@@ -60,21 +60,6 @@ def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict) -> pa.T
     return pa.Table.from_pylist(out, schema=CANDIDATE_SCHEMA)
 
 
-class PRMBatchScorer:
-    """Ray Data UDF: `step_rewards` for candidate rows (prompt as JSON)."""
-
-    def __init__(self, prm_dir: str, max_length: int = 4096):
-        from pipeline.models.prm import PRMScorer
-
-        self.inner = PRMScorer(prm_dir, max_length)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts = [json.loads(p) for p in batch.column("prompt").to_pylist()]
-        rewards = [self.inner.model.score(self.inner.tok, p, s, self.inner.max_length).tolist()
-                   for p, s in zip(prompts, batch.column("steps").to_pylist())]
-        return batch.append_column("step_rewards", pa.array(rewards, pa.list_(pa.list_(pa.float32()))))
-
-
 def aggregate(step_scores: list[float], how: str) -> float:
     x = np.asarray([s for s in step_scores if s == s], dtype=np.float64)  # NaN: a step cut by truncation
     if len(x) == 0:
@@ -136,6 +121,7 @@ def run_build_pairs(cfg) -> dict:
     import ray
 
     from pipeline.data.io import read_records, write_records
+    from pipeline.models.prm import PRMScorer
     from pipeline.models.registry import resolve_model
     from pipeline.rollout.stage import map_with_engine
     from pipeline.tasks import get_task
@@ -159,13 +145,13 @@ def run_build_pairs(cfg) -> dict:
             cands_t = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
             if cfg.prm:
                 cands_t = pa.concat_tables(list(ray.data.from_arrow(cands_t).map_batches(
-                    PRMBatchScorer, fn_constructor_kwargs={"prm_dir": str(Path(cfg.prm).resolve())}, batch_format="pyarrow", batch_size=16,
+                    PRMScorer, fn_constructor_kwargs={"prm_dir": str(Path(cfg.prm).resolve())}, batch_format="pyarrow", batch_size=16,
                     concurrency=1, num_cpus=cfg.ref_num_cpus, num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
             tmp = cand_file.with_suffix(".tmp")
             pq.write_table(cands_t, tmp)
             tmp.replace(cand_file)
         cands = cands_t.to_pylist()
-        objectives_of_task = {t: [o["name"] for o in get_task(t).objectives] for t in {c["task"] for c in cands}}
+        objectives_of_task = {t: get_task(t).objective_names for t in {c["task"] for c in cands}}
         names = sorted({o for os_ in objectives_of_task.values() for o in os_})
         scores = {}
         prm_objs: list[str] = []

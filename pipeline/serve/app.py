@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import time
 import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from pipeline.config import GuidanceDefaults, ServeConfig
+from pipeline.decoding.mixing import eos_ids
 
 app = FastAPI(title="mahalo steerable endpoint")
 
@@ -49,13 +48,6 @@ def _error(status: int, message: str, param=None, kind="invalid_request_error", 
 @app.exception_handler(APIError)
 async def _api_error(_, e: APIError):
     return _error(e.status, e.message, e.param, e.kind, e.code)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_, e: RequestValidationError):
-    first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
-    param = ".".join(str(x) for x in first.get("loc", []) if x != "body") or None
-    return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
 
 
 class Guidance(BaseModel):
@@ -95,19 +87,13 @@ class CompletionRequest(_Common):
 
 
 def check_weights(weights: dict[str, float] | None, objectives: list[str]) -> list[float]:
-    if weights is None:
-        return [1.0 / len(objectives)] * len(objectives)
-    unknown = sorted(set(weights) - set(objectives))
-    if unknown:
-        raise APIError(400, f"unknown objective(s) {unknown}; this model's objectives are {objectives}", "objective_weights")
-    vals = [weights.get(o, 0.0) for o in objectives]
-    if any(not math.isfinite(v) for v in vals):
-        raise APIError(400, "objective_weights must be finite numbers", "objective_weights")
-    if any(v < 0 for v in vals):
-        raise APIError(400, "objective_weights must be non-negative", "objective_weights")
-    if sum(vals) <= 0:
-        raise APIError(400, "objective_weights must not all be zero", "objective_weights")
-    return [v / sum(vals) for v in vals]
+    """Normalised weights in head order (equal when absent); a bad vector is a 400 naming the field."""
+    from pipeline.models.multihead import validate_weights
+
+    try:
+        return validate_weights(weights if weights is not None else [1.0] * len(objectives), objectives)
+    except ValueError as e:
+        raise APIError(400, f"objective_weights: {e}", "objective_weights") from None
 
 
 @serve.deployment
@@ -142,8 +128,7 @@ class SteerableLM:
         self.tok = load_tokenizer(self.cfg.model.name_or_path)
         self.objectives = self.policy.objectives
         self.max_positions = getattr(self.policy.config, "max_position_embeddings", 4096)
-        cfg_eos = self.policy.config.eos_token_id
-        self.eos = {self.tok.eos_token_id} | (set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None})
+        self.eos = eos_ids(self.tok, self.policy.config)
         self.prm = self.prm_tok = None
         if self.cfg.prm:
             from pipeline.models.prm import VectorPRM
@@ -161,9 +146,7 @@ class SteerableLM:
 
     # --- plumbing --------------------------------------------------------------------------
     async def _parse(self, request: Request, cls):
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
-                           code="invalid_api_key")
+        self._check_auth(request)
         body = await request.body()
         if len(body) > self.cfg.max_body_bytes:
             raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {self.cfg.max_body_bytes}")
@@ -179,16 +162,20 @@ class SteerableLM:
             param = ".".join(str(x) for x in first.get("loc", [])) or None
             raise APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param) from None
 
-    def _check_auth_only(self, request: Request):
+    def _check_auth(self, request: Request):
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
                            code="invalid_api_key")
 
-    def _plan(self, req: _Common, prompt_ids: list[int]) -> dict:
+    def _max_new(self, req: _Common) -> int:
         max_new = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
         if max_new > self.cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens {max_new} exceeds this server's limit of {self.cfg.max_tokens_limit}",
                            "max_tokens")
+        return max_new
+
+    def _plan(self, req: _Common, prompt_ids: list[int]) -> dict:
+        max_new = self._max_new(req)
         if len(prompt_ids) + max_new > self.max_positions:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
                            f"context of {self.max_positions}", "max_tokens")
@@ -269,10 +256,7 @@ class SteerableLM:
         if req.objective_weights is not None or req.guidance is not None:
             raise APIError(400, f"model {req.model!r} is a preset with fixed weights; objective_weights and guidance "
                            f"apply to {self.cfg.model_name!r}", "model")
-        max_new = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
-        if max_new > self.cfg.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_new} exceeds this server's limit of {self.cfg.max_tokens_limit}",
-                           "max_tokens")
+        max_new = self._max_new(req)
         text = await self.presets[req.model].complete.remote(prompt_text, max_new, req.temperature, req.top_p, req.seed)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         n_out = len(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -340,7 +324,7 @@ class SteerableLM:
 
     @app.get("/v1/models")
     def models(self, request: Request):
-        self._check_auth_only(request)
+        self._check_auth(request)
         data = [{"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "mahalo",
                  "objectives": self.objectives, "guidance": self.prm is not None}]
         data += [{"id": name, "object": "model", "created": 0, "owned_by": "mahalo", "objective_weights": w}

@@ -26,6 +26,10 @@ class TaskFamily:
     max_tokens: int = 256  # per policy turn
     done: Callable | None = None  # (dialogue, meta) -> True when a multi-turn episode is over
 
+    @property
+    def objective_names(self) -> list[str]:
+        return [o["name"] for o in self.objectives]
+
 
 TASKS: dict[str, TaskFamily] = {
     "math_word": TaskFamily("math_word", math_word.OBJECTIVES, math_word.generate, max_tokens=320),

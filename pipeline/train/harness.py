@@ -116,10 +116,8 @@ class _Averager:
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        self.n = 0
 
     def add(self, metrics: dict[str, Any]) -> None:
-        self.n += 1
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().float().item() if torch.is_tensor(v) else v)
             self.counts[k] = self.counts.get(k, 0) + 1

@@ -19,10 +19,8 @@ trained side by side in one run; `merge_soup` averages their weights).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import math
 import random
 from pathlib import Path
 
@@ -222,11 +220,6 @@ def check_ref_meta(paths: list[str], model_dir: str, dpo) -> None:
                              "rerun jobs.build_pairs with the same dpo settings, or set dpo.recompute_ref: true")
 
 
-def _held_out(row: dict, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(json.dumps(row["prompt"]).encode(), digest_size=4).digest(), "little")
-    return h % 10_000 < fraction * 10_000
-
-
 def merge_soup(dirs: list[str], weights: list[float], out_dir: str | None = None) -> MultiHeadPolicy:
     """DPO soup: the weighted average of single-head policies' parameters (one per objective)."""
     from pipeline.models.multihead import validate_weights
@@ -263,6 +256,7 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
     import ray
 
     from pipeline.data.io import read_records
+    from pipeline.data.split import held_out
     from pipeline.models.registry import resolve_model
     from pipeline.train.harness import fit
 
@@ -281,7 +275,7 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
     for r in rows:
         if r["objective"] not in by_obj:
             continue
-        (held if cfg.data.eval_fraction and _held_out(r, cfg.data.eval_fraction) else by_obj[r["objective"]]).append(r)
+        (held if cfg.data.eval_fraction and held_out(r["prompt"], cfg.data.eval_fraction) else by_obj[r["objective"]]).append(r)
     empty = [o for o, rs in by_obj.items() if not rs]
     if empty:
         raise ValueError(f"no training pairs for objective(s) {empty} in {cfg.data.paths}")

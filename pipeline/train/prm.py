@@ -197,12 +197,10 @@ def run_fit_prm(cfg) -> FitResult:
             log.warning("fit_prm: objective %r has %d labels >= 0.5 and %d below: too one-sided to learn a ranking; "
                         "label more (or stronger) trajectories", o, pos, len(vals) - pos)
     examples = merge_stepwise(rows, objectives)
-    # Held-out by prompt, so no prompt is in both sets.
-    def held(ex):
-        h = int.from_bytes(hashlib.blake2b(ex["prompt_key"].encode(), digest_size=4).digest(), "little")
-        return h % 10_000 < cfg.data.eval_fraction * 10_000
-    train = [e for e in examples if not held(e)]
-    evals = [e for e in examples if held(e)]
+    from pipeline.data.split import held_out
+
+    train = [e for e in examples if not held_out(e["prompt_key"], cfg.data.eval_fraction)]
+    evals = [e for e in examples if held_out(e["prompt_key"], cfg.data.eval_fraction)]
     tok_kw = {"model_dir": model_dir, "separator": cfg.separator, "max_length": cfg.max_length}
     datasets = {"train": ray.data.from_arrow(pa.Table.from_pylist(train)).map_batches(tokenize_prm, fn_kwargs=tok_kw,
                                                                                      batch_format="pyarrow")}
