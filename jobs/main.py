@@ -86,21 +86,21 @@ def main(argv: list[str] | None = None) -> dict:
     def label_stage() -> dict:
         from pipeline.labeling.demos import demo_trajectories
         from pipeline.labeling.job import run_labeling, summarize
+        from pipeline.tasks import TASKS
 
         trajs = [rollout["dir"]]
         if sz.demo_trajectories:
             demos = demo_trajectories(read_records([data["problems_train"]], "problem")[0].to_pylist(),
                                       read_records([data["sft_train"]], "sft")[0].to_pylist(), sz.demo_trajectories)
-            trajs.append(str(Path(write_records(demos, run / "demo_trajectories" / "trajectories-00000.parquet",
+            trajs.append(str(Path(write_records(demos, run / "demo_trajectories" / "demos-00000.parquet",
                                                 "trajectory")).parent))
-        out = {}
-        for i, t in enumerate(trajs):
-            d = run / "labels" / f"part{i}"
-            run_labeling(LabelJobConfig(model=ModelConfig(name_or_path=sft_dir), trajectories=[t],
-                                        problems=[data["problems_train"]], mc=MCConfig(k=sz.label_k),
-                                        engine=cfg.engine, out_dir=str(d), ray=cfg.ray))
-            out[str(d)] = summarize(str(d))
-        return {"dirs": list(out), "summary": out}
+        judged = {o["name"]: sz.judged_labels for t in TASKS.values() for o in t.objectives if o["kind"] == "judged"}
+        d = run / "labels"
+        run_labeling(LabelJobConfig(model=ModelConfig(name_or_path=sft_dir), trajectories=trajs,
+                                    problems=[data["problems_train"]], method=judged,
+                                    mc=MCConfig(k=sz.label_k, max_tokens=sz.label_max_tokens),
+                                    engine=cfg.engine, out_dir=str(d), ray=cfg.ray))
+        return {"dirs": [str(d)], "summary": {str(d): summarize(str(d))}}
 
     labels = stages.run("label_steps", label_stage)
 
@@ -108,13 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
         from pipeline.train.prm import run_fit_prm
 
         r = run_fit_prm(PRMJobConfig(output_dir=str(run / "prm"), model=ModelConfig(name_or_path=sft_dir),
-                                     data=DataConfig(paths=labels["dirs"], eval_fraction=0.2), max_length=768,
+                                     data=DataConfig(paths=labels["dirs"], eval_fraction=0.25), max_length=768,
                                      train=cfg.prm_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
         return {"model_dir": r.export_dir, "steps": r.step, "metrics": r.metrics}
 
     prm = stages.run("fit_prm", prm_stage)
 
     def pairs_stage() -> dict:
+        import ray
+
         from pipeline.rollout.pairs import run_build_pairs
 
         probs = subset(data["problems_train"], sz.pair_problems, run / "pairs" / "_problems.parquet")
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             model=ModelConfig(name_or_path=sft_dir), problems=[probs], prm=prm["model_dir"],
             n_candidates=sz.pair_candidates, min_margin=sz.min_margin, score_with_objective=sz.score_with_objective,
             engine=cfg.engine, dpo=cfg.dpo, out_dir=str(run / "pairs"), ray=cfg.ray,
+            ref_num_cpus=ray.cluster_resources().get("CPU", 1),  # scoring runs alone: every CPU of the local Ray
             sampling={"temperature": 1.0, "top_k": 50, "seed": 1}))
 
     pairs = stages.run("build_pairs", pairs_stage)
@@ -144,14 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         soup = {name: r["model_dir"] for name, r in policies["soup"].items()}
         guided = ({"prm": prm["model_dir"], "tasks": ["math_word"], "n_problems": sz.guided_problems,
-                   "candidates": sz.guided_candidates, "policy_names": ["MAH-DPO"]} if sz.guided_problems else None)
+                   "candidates": sz.guided_candidates, "policy_names": ["MAH-DPO"],
+                   "dtype": "bfloat16" if cfg.engine.dtype == "bfloat16" else "float32"}
+                  if sz.guided_problems else None)
         out = run_eval(EvalJobConfig(
             problems=[data["problems_eval"]], n_per_task=sz.eval_per_task, sweep_points=sz.sweep_points,
             engine=cfg.engine, out_dir=str(run / "eval"), guided=guided, ray=cfg.ray, policies=[
                 {"name": "base", "kind": "hf", "path": base["model_dir"]},
                 {"name": "sft", "kind": "hf", "path": sft_dir},
                 {"name": "single-head DPO", "kind": "multihead", "path": policies["single"]["single"]["model_dir"]},
-                {"name": "DPO soup", "kind": "soup", "paths": soup, "sweep": True},
+                {"name": "DPO soup", "kind": "soup", "paths": soup, "sweep": sz.sweep_soup},
                 {"name": "MAH-DPO", "kind": "multihead", "path": policies["mahdpo"]["mahdpo"]["model_dir"],
                  "sweep": True}]))
         return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"]}
@@ -180,16 +185,52 @@ def main(argv: list[str] | None = None) -> dict:
 
     served = stages.run("serve", serve_stage) if cfg.serve_check else {}
 
-    report = write_report(run, stages.timings, report_sections(cfg, sft, rollout, labels, prm, pairs, policies, ev, served))
+    agreement = pair_agreement_of(run / "pairs", data["problems_train"])
+    report = write_report(run, stages.timings, report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies,
+                                                               ev, served))
     for p in ev.get("plots", []):  # plots beside the report, so its image links work
         shutil.copy(p, run / Path(p).name)
     print(f"main: done. Report: {report}")
     return {"report": str(report), "eval": ev}
 
 
-def report_sections(cfg, sft, rollout, labels, prm, pairs, policies, ev, served) -> dict[str, str]:
+def diagnosis(rows: list[dict], agreement: dict, policies: dict, pairs: dict) -> str:
+    """What limits the findings, from the run's own numbers: a floor (scores at 0 leave nothing to
+    improve or to trade), pairs the ground truth cannot tell apart, how little DPO trained."""
+    plain = [r for r in rows if r["decoding"] == "plain"]
+    sft = [r for r in plain if r["policy"] == "sft"]
+    zero = [r for r in plain if r["mean"] == 0]
+    tot = {k: sum(v.get(k, 0) for v in agreement.values()) for k in ("agree", "tie", "disagree")}
+    steps = {m: max(r["steps"] for r in res.values()) for m, res in policies.items()}
+    lines = [
+        f"- Floor: the SFT policy scores 0 on {sum(r['mean'] == 0 for r in sft)} of {len(sft)} (task, objective) "
+        f"cells, and {len(zero)} of {len(plain)} evaluation cells are 0 (SFT means: "
+        + ", ".join(f"{r['task']}/{r['objective']} {r['mean']:.3f}" for r in sft) + "). A finding needs a score "
+        "that can move; where every policy scores 0 there is nothing to improve or trade.",
+        f"- Pairs: of {sum(tot.values())} pairs the PRM chose, the task's own verifier / judge prefers the chosen "
+        f"response in {tot['agree']}, is indifferent in {tot['tie']} and prefers the rejected one in "
+        f"{tot['disagree']}: where it is indifferent, DPO learns the PRM's preference, not the objective.",
+        f"- Training: {pairs.get('pairs', 0)} pairs; optimizer steps " + ", ".join(f"{m} {n}" for m, n in steps.items())
+        + " (1 epoch of the balanced cut).",
+    ]
+    se = [r["se"] for r in plain if r.get("se") == r.get("se") and r.get("se") is not None]
+    if se:
+        lines.append(f"- Noise: n = {min(r['n'] for r in plain)}-{max(r['n'] for r in plain)} problems per cell; "
+                     f"median standard error {sorted(se)[len(se) // 2]:.3f}.")
+    return "\n".join(lines)
+
+
+def pair_agreement_of(pairs_dir: Path, problems: str) -> dict:
+    from pipeline.rollout.pairs import pair_agreement
+
+    pairs = read_records([str(pairs_dir)], "preference")[0].to_pylist()
+    return pair_agreement(pairs, {p["id"]: p for p in read_records([problems], "problem")[0].to_pylist()})
+
+
+def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, ev, served) -> dict[str, str]:
     from pipeline.eval.findings import findings
     from pipeline.eval.report import table
+    from pipeline.train.prm_metrics import baseline_table
 
     m = sft["metrics"]
     prm_m = {k[len("eval/"):]: round(v, 4) for k, v in prm["metrics"].items() if k.startswith("eval/")}
@@ -198,8 +239,14 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, policies, ev, served)
                f"held-out loss {m.get('eval/loss', float('nan')):.4f}. Model: `{sft['model_dir']}`.",
         "Rollout and step labels": f"{rollout['trajectories']} trajectories; labels: "
                                    f"`{json.dumps(labels['summary'])}`",
-        "PRM": f"{prm['steps']} steps; held-out metrics: `{json.dumps(prm_m)}`",
-        "Pairs": f"`{json.dumps({k: v for k, v in pairs.items() if k != 'path'})}`",
+        "PRM": f"{prm['steps']} steps; held-out steps, against the trivial baselines (AUROC 0.5, predicting "
+               "the mean):\n\n" + baseline_table(prm["metrics"])
+               + f"\n\nAll held-out metrics: `{json.dumps(prm_m)}`",
+        "Pairs": f"`{json.dumps({k: v for k, v in pairs.items() if k != 'path'})}`\n\n"
+                 "The PRM's pairs against the task's own verifier / judge (chosen scored higher, equal, lower):\n\n"
+                 "| task/objective | agree | tie | disagree |\n|---|---:|---:|---:|\n"
+                 + "\n".join(f"| {k} | {v.get('agree', 0)} | {v.get('tie', 0)} | {v.get('disagree', 0)} |"
+                             for k, v in agreement.items()),
         "Policies": "\n".join(f"- {m_}: " + "; ".join(f"{n}: {r['steps']} steps, "
                                                       f"{json.dumps({k: round(v, 3) for k, v in r['metrics'].items()})}"
                                                       for n, r in res.items()) for m_, res in policies.items()),
@@ -209,6 +256,7 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, policies, ev, served)
     sections["The paper's findings in miniature"] = "\n".join(
         f"- **{k}** ({'holds' if h else 'does not hold' if h is not None else 'not measured'}): {text or '-'}"
         for k, (h, text) in found.items())
+    sections["Why, from this run's data"] = diagnosis(ev["rows"], agreement, policies, pairs)
     if served:
         sections["Serve check"] = "\n".join(f"- weights {a['objective_weights']}: {a['text']!r}" for a in served["answers"])
     return sections

@@ -75,6 +75,9 @@ class TrainConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = True
     lr: float = Field(1e-5, gt=0)
+    # Learning rate of parameters the trainer creates from scratch (the PRM's value head); None: lr.
+    # A fresh head at a fine-tuning lr barely moves in a short run.
+    fresh_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -214,7 +217,7 @@ class LabelJobConfig(Strict):
     extra_objectives: dict[str, list[ObjectiveSpec]] = Field(default_factory=dict)
     # How each objective is labelled, by name; default by kind: verifiable -> mc,
     # judged -> judge_mc, dialogue -> dialogue_prefix. `outcome` keeps one label per response (Bradley-Terry).
-    method: dict[str, Literal["mc", "judge_mc", "dialogue_prefix", "outcome"]] = Field(default_factory=dict)
+    method: dict[str, Literal["mc", "judge_mc", "judge_prefix", "dialogue_prefix", "outcome"]] = Field(default_factory=dict)
     mc: MCConfig = Field(default_factory=MCConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -232,6 +235,9 @@ class PRMJobConfig(Strict):
     objectives: list[str] = Field(default_factory=list)  # head order; empty: every objective in the data
     outcome_objectives: list[str] = Field(default_factory=list)  # trained Bradley-Terry on final labels
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective, default 1
+    # Start the value head at the trivial baseline (zero weights, bias = the training labels' mean /
+    # positive-rate logit) instead of random outputs; false: a random head.
+    prior_init: bool = True
     separator: str = "<|step|>"
     max_length: int = Field(1024, ge=16)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -247,7 +253,9 @@ class DPOConfig(Strict):
     noise_std: float = Field(1e-3, ge=0)  # head init: SFT head + noise_std * N(0, 1), seeded per head
     seed: int = 0  # head noise, balanced truncation and shuffling
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
-    ref_dtype: Literal["float32", "bfloat16"] = "float32"  # of reference log-probs computed on the fly
+    # of the reference log-probs (cached by jobs.build_pairs or computed on the fly); bfloat16 matches
+    # a policy trained in bf16 and runs ~2x faster on CPUs with bf16 units
+    ref_dtype: Literal["float32", "bfloat16"] = "float32"
     recompute_ref: bool = False  # ignore cached reference log-probs in the data; compute them while training
 
 
@@ -262,6 +270,9 @@ class PolicyJobConfig(Strict):
     # mahdpo: one head per objective, balanced batches. single: one head, DPO on the pooled pairs.
     # soup: one single-head DPO model per objective (merged by weight averaging at use).
     method: Literal["mahdpo", "single", "soup"] = "mahdpo"
+    # soup: train the members side by side in one run (one start-up, but every member's weights and
+    # optimizer states in memory at once) instead of one run after another.
+    soup_together: bool = False
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)  # micro_batch_size: pairs per objective (mahdpo)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -350,6 +361,7 @@ class GuidedEvalConfig(Strict):
     max_step_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0)
     policy_names: list[str] = Field(default_factory=list)  # empty: every multihead policy
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the policy and the PRM (in process)
 
 
 class EvalJobConfig(Strict):
@@ -359,6 +371,7 @@ class EvalJobConfig(Strict):
     n_per_task: int | None = Field(None, ge=1)  # the first n problems of each task; None: all
     policies: list[EvalPolicy] = Field(default_factory=list)
     sweep_points: int = Field(5, ge=2)
+    sweep_soup: bool = True  # the DPO soup along the sweep too (its Pareto front); false: equal weights only
     temperature: float = Field(0.0, ge=0)  # 0: greedy
     engine: EngineConfig = Field(default_factory=EngineConfig)
     guided: GuidedEvalConfig | None = None
@@ -371,14 +384,19 @@ class MainSizes(Strict):
 
     rollout_problems: int = Field(32, ge=1)
     rollout_samples: int = Field(4, ge=1)
-    demo_trajectories: int = Field(64, ge=0)  # math demonstrations (+ corrupted copies) added to the PRM data
+    demo_trajectories: int = Field(64, ge=0)  # SFT demonstrations labelled beside the rollouts (math: + corrupted copies)
     label_k: int = Field(4, ge=1)
+    label_max_tokens: int | None = Field(None, ge=1)  # per MC continuation; None: the family's limit
+    # Judged objectives: the paper's Case A (judge_mc: k continuations per prefix, majority vote) or
+    # Case B (judge_prefix: the judge rates the prefix itself; no generation, for costly rollouts).
+    judged_labels: Literal["judge_mc", "judge_prefix"] = "judge_mc"
     pair_problems: int = Field(64, ge=1)
     pair_candidates: int = Field(4, ge=2)
     min_margin: float = Field(0.05, ge=0)
     score_with_objective: list[str] = Field(default_factory=list)  # objectives scored by their verifier/judge, not the PRM
     eval_per_task: int = Field(32, ge=1)
     sweep_points: int = Field(5, ge=2)
+    sweep_soup: bool = True  # the DPO soup along the sweep too (its Pareto front); false: equal weights only
     guided_problems: int = Field(8, ge=0)  # 0: no guided decoding in the evaluation
     guided_candidates: int = Field(4, ge=1)
 

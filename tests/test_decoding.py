@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.decoding.guided import guided_generate
-from pipeline.decoding.mixing import generate
+from pipeline.decoding.mixing import generate, mix_strategy
 from pipeline.models.checkpoint import load_tokenizer
 from pipeline.models.multihead import MultiHeadPolicy
 
@@ -28,7 +28,12 @@ def test_weights_move_the_output_and_requests_with_different_weights_share_a_bat
     # merged heads (built once per weight vector) and the per-token mix of the H heads agree
     free = dict(kw, max_new_tokens=8)
     plain = MultiHeadPolicy.from_sft(path, ["x", "y"], noise_std=0.3).eval()
-    assert generate(plain, [p1, p2, p1], weights, **free) == generate(plain, [p1, p2, p1], weights, merge_budget_bytes=0, **free)
+    assert (generate(plain, [p1, p2, p1], weights, strategy="merged", **free)
+            == generate(plain, [p1, p2, p1], weights, strategy="per_token", **free))
+    # per token, decoding reads every head it projects on: U merged heads or the H heads in use
+    assert mix_strategy(1, 3, 100, 1000) == "merged" and mix_strategy(3, 3, 100, 1000) == "merged"
+    assert mix_strategy(8, 3, 100, 10_000) == "per_token"  # every request its own weights
+    assert mix_strategy(2, 3, 100, 150) == "per_token"  # over the memory budget
 
 
 class PreferLongest:
@@ -56,6 +61,24 @@ def test_guided_decoding_keeps_the_candidate_the_prm_prefers(tiny_model_dir):
     for step, (prefix, cands) in zip(r.steps, prm.calls):
         assert len(cands) == 4 and step == max(cands, key=len)
     assert prm.calls[1][0] == r.steps[:1]  # the PRM sees the accepted steps as the prefix
+
+
+def test_prm_prefix_cache_scores_as_a_full_forward(tiny_model_dir):
+    from pipeline.decoding.guided import PRMPrefix
+    from pipeline.models.prm import build_prm
+
+    prm, ptok = build_prm(tiny_model_dir, ["accuracy", "engagement"], {"accuracy": "soft", "engagement": "hard"})
+    torch.nn.init.normal_(prm.head.weight, std=1.0)  # rewards far from zero, so a mismatch shows
+    prm.eval()
+    prompt = [{"role": "user", "content": "What is 4 + 4?"}]
+    cache, accepted = PRMPrefix(prm, ptok, prompt), []
+    for cands in (["First, 4 + 4 = 8.", "Hmm.", "Let us add the two numbers together carefully."],
+                  ["So the answer is 8.", "It is 9."]):
+        fast = cache.score(cands)
+        full = prm.score_last(ptok, prompt, accepted, cands)
+        assert fast.shape == (len(cands), 2) and torch.allclose(fast, full, atol=1e-4), (fast, full)
+        cache.accept(2 if len(cands) == 3 else 0)  # the longest first: its padding must not linger
+        accepted.append(cands[2] if len(cands) == 3 else cands[0])
 
 
 def test_continuing_cache_matches_reencoding_token_for_token(tiny_model_dir):

@@ -1,5 +1,7 @@
 """Evaluation helpers: Pareto front and hypervolume."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -40,8 +42,37 @@ def test_eval_job_sweeps_weights_and_writes_report(tmp_path, tiny_model_dir, ste
     rows = pq.read_table(tmp_path / "eval" / "scores.parquet").to_pylist()
     steer_math = [r for r in rows if r["policy"] == "steer" and r["task"] == "math_word" and r["decoding"] == "plain"]
     assert len(steer_math) == 3 * 2  # 3 weight vectors x 2 objectives
-    assert {r["decoding"] for r in rows} == {"plain", "guided(K=2)"}
+    assert {r["decoding"] for r in rows} == {"plain", "guided(K=1)", "guided(K=2)"}  # K=1: the same-problem baseline
+    assert all(r["se"] >= 0 or r["n"] < 2 for r in rows)
     assert len([r for r in rows if r["policy"] == "tiny"]) == 4  # 2 tasks x 2 objectives
     assert (tmp_path / "eval" / "pareto_math_word.png").stat().st_size > 1000
     assert "hypervolume" in (tmp_path / "eval" / "eval.md").read_text()
     assert {f["policy"] for f in out["fronts"]} == {"tiny", "steer"}
+
+
+def test_findings_from_hand_made_rows():
+    from pipeline.eval.findings import findings
+
+    def row(policy, task, obj, mean, weights=None, decoding="plain", se=0.05):
+        return {"policy": policy, "task": task, "objective": obj, "mean": mean, "n": 10, "se": se,
+                "weights": json.dumps(weights) if weights else None, "decoding": decoding}
+
+    eq = {"thoroughness": 0.5, "concision": 0.5}
+    sweep = [({"thoroughness": 1.0, "concision": 0.0}, 0.6, 0.1), (eq, 0.5, 0.3), ({"thoroughness": 0.0, "concision": 1.0}, 0.2, 0.5)]
+    rows = [row("sft", "assistant", "thoroughness", 0.4), row("sft", "assistant", "concision", 0.2),
+            row("single-head DPO", "assistant", "thoroughness", 0.45), row("single-head DPO", "assistant", "concision", 0.35)]
+    rows += [row("MAH-DPO", "assistant", o, v, w) for w, t, c in sweep for o, v in (("thoroughness", t), ("concision", c))]
+    acc = {"accuracy": 0.5, "engagement": 0.5}
+    rows += [row("MAH-DPO", "math_word", "accuracy", 0.5, acc, "guided(K=1)"),
+             row("MAH-DPO", "math_word", "accuracy", 0.75, acc, "guided(K=4)")]
+    f = findings(rows)
+    # F1: thoroughness 0.5 > 0.4 and concision 0.3 > 0.2 (math has no SFT rows: not counted)
+    assert f["F1"][0] is True and "noise 2 SE = 0.141" in f["F1"][1]
+    # F2: 0.5/0.3 vs 0.45/0.35: better in sum but not on both
+    assert f["F2"][0] is False and "not better on both" in f["F2"][1]
+    # F3: thoroughness 0.2 -> 0.5 -> 0.6 and concision 0.1 -> 0.3 -> 0.5 as their weight grows
+    assert f["F3"][0] is True and "0.200 -> 0.500 -> 0.600 (monotone up" in f["F3"][1]
+    # F4: K=4 beats K=1 on the same problems
+    assert f["F4"][0] is True and "guided(K=4) 0.750 vs K=1 0.500" in f["F4"][1]
+    rows[-1]["mean"] = 0.25
+    assert findings(rows)["F4"][0] is False

@@ -81,6 +81,51 @@ def test_dialogue_prefix_and_outcome_labels():
     assert lab.labels == [0.0] * (len(meta["steps"]) - 1) + [1.0]
     (out,) = label_objective("outcome", None, acc, [tr], MCConfig(), {})
     assert out.labels == [None] * (len(meta["steps"]) - 1) + [1.0] and out.label_kind == "soft"
+    assert type(out.unparseable) is int  # a bool here failed the int32 column of the label shards
+
+
+def test_judge_prefix_rates_each_single_turn_prefix_itself():
+    obj = build_objective(GOOD)
+    tr = {**traj(0), "steps": ["fine", "this is good", "bad again", "good"]}
+    # no engine: the judge sees steps[:t] joined, never a continuation
+    (lab,) = label_objective("judge_prefix", None, obj, [tr], MCConfig(), {})
+    assert lab.labels == [0.0, 1.0, 0.0, 1.0] and lab.label_kind == "hard" and lab.rollouts_per_step == 0
+
+
+def test_demonstration_trajectories_cover_both_sides_of_every_objective():
+    from pipeline.labeling.demos import demo_trajectories
+    from pipeline.objectives import build_objectives
+    from pipeline.tasks import get_task, splits
+
+    problems, sft = [], []
+    for task in ("math_word", "assistant", "tutoring"):
+        p, d = splits(task, 48, 4, 0)["train"]
+        problems += p
+        sft += d
+    rows = demo_trajectories(problems, sft, 24)
+    by_id = {p["id"]: p for p in problems}
+    for task in ("math_word", "assistant", "tutoring"):
+        trajs = [{**r, "reference": by_id[r["problem_id"]]["reference"], "meta": json.loads(by_id[r["problem_id"]]["meta"])}
+                 for r in rows if by_id[r["problem_id"]]["task"] == task]
+        assert len({t["problem_id"] for t in trajs}) <= 24 and trajs
+        for name, obj in build_objectives(get_task(task).objectives).items():
+            if obj.kind == "verifiable":  # MC needs an engine: check the outcomes instead
+                outcomes = [obj.score_batch([{"prompt": t["prompt"], "response": "\n\n".join(t["steps"]),
+                                              "reference": t["reference"], "meta": t["meta"]}])[0] for t in trajs]
+                assert 0 < sum(outcomes) < len(outcomes), name  # demonstrations right, corrupted copies wrong
+                continue
+            labels = [x for lab in label_objective("judge_prefix", None, obj, trajs, MCConfig(), {}) for x in lab.labels]
+            assert 0 < sum(labels) < len(labels), (task, name)
+    demo = next(r for r in rows if r["id"].endswith("-demo") and r["id"].replace("-demo", "-corrupt") in {x["id"] for x in rows}
+                and r["problem_id"].startswith("math_word"))
+    bad = next(r for r in rows if r["id"] == demo["id"].replace("-demo", "-corrupt"))
+    # the copy leaves the demonstration at its first computation (no shared prefix with the other outcome)
+    first = next(i for i, s in enumerate(demo["steps"]) if "=" in s)
+    assert bad["steps"][:first] == demo["steps"][:first] and bad["steps"][first] != demo["steps"][first]
+    tutor = next(r for r in rows if r["turns"])
+    # a tutoring demonstration is the whole dialogue: the tutor's turns are its steps, each answered by the student
+    assert tutor["steps"] == [m["content"] for m in tutor["turns"] if m["role"] == "assistant"]
+    assert [m["role"] for m in tutor["turns"]][:2] == ["assistant", "user"]
 
 
 def write_inputs(tmp_path: Path, n_shards: int = 3, per_shard: int = 4):

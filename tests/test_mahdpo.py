@@ -33,6 +33,49 @@ def test_sequence_logps_sum_only_labelled_tokens():
     assert sequence_logps(logits, labels).item() == pytest.approx((lp[0, 1, 3] + lp[0, 2, 1]).item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("soup", [False, True])
+def test_labelled_logps_equal_full_logits_values_and_gradients(tiny_model_dir, soup):
+    from pipeline.train.mahdpo import SoupMembers
+
+    def build():
+        torch.manual_seed(0)
+        return (SoupMembers.from_sft(tiny_model_dir, ["a", "b"], noise_std=0.1) if soup
+                else MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b", "c"], noise_std=0.1))
+
+    ids = torch.randint(5, 200, (4, 12))
+    att = torch.ones_like(ids)
+    att[1, 9:] = 0  # padding, never labelled
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[1, 9:] = -100
+    heads = torch.tensor([0, 1, 1, 0])
+    full, fast = build(), build()
+    a = sequence_logps(full(ids, att, head_ids=heads).logits, labels)
+    b = fast(ids, att, head_ids=heads, labels=labels).logps
+    assert torch.allclose(a, b, atol=1e-5)
+    (a * torch.arange(1.0, 5.0)).sum().backward()
+    (b * torch.arange(1.0, 5.0)).sum().backward()
+    for (n, p), q in zip(full.named_parameters(), fast.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            # float32 sums in another order: equal to a millionth of the gradient's scale
+            assert (p.grad - q.grad).abs().max() <= 1e-6 * max(1.0, p.grad.abs().max()), n
+
+
+def test_causal_lm_logps_skip_the_prompt_span_and_agree(tiny_model_dir):
+    from pipeline.models.checkpoint import load_causal_lm
+    from pipeline.train.dpo_losses import causal_lm_logps
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    ids = torch.randint(5, 200, (3, 10))
+    labels = ids.clone()
+    labels[0, :4], labels[1, :6], labels[2, :5] = -100, -100, -100
+    labels[2, 8:] = -100
+    att = torch.ones_like(ids)
+    full = sequence_logps(model(input_ids=ids, attention_mask=att).logits, labels)
+    assert torch.allclose(causal_lm_logps(model, ids, att, labels), full, atol=1e-5)
+
+
 def test_routing_trains_own_head_and_backbone_only(tiny_model_dir):
     """One step on a pair of objective 1: head 1 and the backbone move, heads 0 and 2 do not."""
     model = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b", "c"])
@@ -155,8 +198,33 @@ def test_plan_runs_single_pools_the_same_pairs_and_soup_splits_them():
     (_, heads_s, pooled, head_of_s, _), = plan_runs("single", ["a", "b"], by_obj, [], 0)
     assert heads_s == ["pooled"] and set(head_of_s.values()) == {0}
     assert sorted(r["id"] for g in pooled for r in g) == sorted(r["id"] for g in groups for r in g)
-    (_, heads_p, groups_p, head_of_p, _), = plan_runs("soup", ["a", "b"], by_obj, [], 0)
+    assert [len(g) for g in pooled] == [2] * 4  # as many pairs per step as MAH-DPO: equal optimizer steps
+    (_, heads_p, groups_p, head_of_p, _), = plan_runs("soup", ["a", "b"], by_obj, [], 0, soup_together=True)
     assert heads_p == ["a", "b"] and head_of_p == {"a": 0, "b": 1} and groups_p == groups  # member i gets pair i
+    held = [{"id": "ha", "objective": "a"}, {"id": "hb", "objective": "b"}]
+    apart = plan_runs("soup", ["a", "b"], by_obj, held, 0)  # default: one run per member, one after another
+    assert [(n, h, ho) for n, h, _, ho, _ in apart] == [("a", ["a"], {"a": 0}), ("b", ["b"], {"b": 0})]
+    assert [[r["id"] for g in gs for r in g] for _, _, gs, _, _ in apart] == [[g[0]["id"] for g in groups],
+                                                                              [g[1]["id"] for g in groups]]
+    assert [[r["id"] for r in ev] for *_, ev in apart] == [["ha"], ["hb"]]
+
+
+def test_pair_agreement_checks_the_prms_pairs_against_the_judges():
+    import json
+
+    from pipeline.rollout.pairs import pair_agreement
+    from pipeline.tasks import splits
+    from pipeline.tasks.assistant import TOPICS
+
+    problems, _ = splits("assistant", 4, 2, 0)["train"]
+    p = problems[0]
+    aspects = TOPICS[json.loads(p["meta"])["topic"]]
+    full = " ".join(s for _, s in aspects)
+    pairs = [{"id": f"{p['id']}-thoroughness", "objective": "thoroughness", "chosen": full, "rejected": "I hope this helps!"},
+             {"id": f"{p['id']}-concision", "objective": "concision", "chosen": "I hope this helps!", "rejected": aspects[0][1]},
+             {"id": f"{p['id']}-concision", "objective": "concision", "chosen": "Hi.", "rejected": "Hello."}]
+    assert pair_agreement(pairs, {q["id"]: q for q in problems}) == {
+        "assistant/concision": {"disagree": 1, "tie": 1}, "assistant/thoroughness": {"agree": 1}}
 
 
 def test_soup_members_train_independently_and_export_each(tmp_path, tiny_model_dir):

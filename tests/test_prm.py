@@ -107,6 +107,23 @@ def test_metrics_against_hand_computed_values():
     assert m["mse"] == pytest.approx(0.01) and m["mse_mean_baseline"] == pytest.approx(0.25) and m["n"] == 2
     h = objective_metrics("hard", np.array([2.0, -1.0, 0.5]), np.array([1.0, 0.0, 0.0]))
     assert h["step_accuracy"] == pytest.approx(2 / 3) and h["auroc"] == 1.0
+    assert h["majority_baseline"] == pytest.approx(2 / 3) and h["mse_mean_baseline"] == pytest.approx(2 / 9)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert h["mse"] == pytest.approx(((sig(2) - 1) ** 2 + sig(-1) ** 2 + sig(0.5) ** 2) / 3)
+    from pipeline.train.prm_metrics import versus_baselines
+
+    from pipeline.train.prm_metrics import auroc_se
+
+    # Hanley and McNeil at A = 0.5: SE^2 = (1/4 + (n1 + n0 - 2) / 12) / (n1 n0)
+    assert auroc_se(0.5, 10, 10) == pytest.approx(math.sqrt((0.25 + 18 / 12) / 100))
+    assert math.isnan(auroc_se(0.7, 0, 5))
+    bad = objective_metrics("hard", np.array([-2.0, 1.0]), np.array([1.0, 0.0]))  # ranked the wrong way round
+    vs = {r["objective"]: r for r in versus_baselines({f"eval/good/{k}": v for k, v in h.items()}
+                                                      | {f"eval/soft/{k}": v for k, v in m.items()}
+                                                      | {f"eval/bad/{k}": v for k, v in bad.items()})}
+    assert vs["good"]["beats_baselines"] is True and vs["good"]["mse"] < vs["good"]["mse_mean_baseline"]
+    assert vs["soft"]["beats_baselines"] is True and vs["soft"]["n"] == 2
+    assert vs["bad"]["beats_baselines"] is False and vs["bad"]["auroc"] == 0.0
     o = objective_metrics("outcome", np.array([3.0, 1.0, 2.0, 0.0]), np.array([1.0, 0.0, 0.0, 1.0]), np.array([7, 7, 9, 9]))
     assert o["pairwise_accuracy"] == 0.5 and o["n"] == 2
 
@@ -201,3 +218,20 @@ def test_micro_batch_without_labels_gives_a_zero_loss_not_a_crash(tiny_model_dir
     loss, metrics = spec.loss(model, spec.collate(batch))
     loss.backward()
     assert loss.item() == 0.0 and metrics == {}
+
+
+def test_head_starts_at_the_trivial_baseline(tiny_model_dir):
+    from pipeline.train.prm import label_priors
+
+    rows = [{"objective": "acc", "labels": [0.2, 0.4, None]}, {"objective": "acc", "labels": [0.0]},
+            {"objective": "eng", "labels": [1.0, 0.0, 0.0, 0.0]}, {"objective": "pref", "labels": [None, 3.0]}]
+    priors = label_priors(rows, ["acc", "eng", "pref"], ["soft", "hard", "outcome"])
+    assert priors == pytest.approx([0.2, math.log(0.25 / 0.75), 0.0])
+    model, tok = build_prm(tiny_model_dir, ["acc", "eng", "pref"], {"acc": "soft", "eng": "hard", "pref": "outcome"},
+                           priors=priors)
+    enc = encode_steps(tok, [{"role": "user", "content": "Q?"}], ["one", "two words", "three"], model.sep_id, 256)
+    with torch.no_grad():
+        out = model(torch.tensor([enc["input_ids"]]), positions=torch.tensor([enc["positions"]]))[0]
+    # every step predicts the prior: the mean (soft), the positive rate (hard, through the sigmoid)
+    assert torch.allclose(out, torch.tensor(priors).expand(3, -1), atol=1e-6)
+    assert torch.sigmoid(out[0, 1]).item() == pytest.approx(0.25)

@@ -13,7 +13,7 @@ from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.models.tokenize import encode_prompt_completion
 from pipeline.train.batching import PadCollate
 from pipeline.train.ds_config import deepspeed_config
-from pipeline.train.harness import fit, lr_lambda, plan_steps, read_metrics
+from pipeline.train.harness import fit, lr_lambda, param_groups, plan_steps, read_metrics
 from pipeline.train.sft import build_spec, run_sft, sft_loss
 
 
@@ -146,6 +146,17 @@ def _mean_worker(rank: int, port: int, out) -> None:
     got = _mean_across_workers({"loss": 1.0 + rank, **({"b": 4.0} if rank == 0 else {})}, "cpu")
     out.put((rank, got))
     dist.destroy_process_group()
+
+
+def test_fresh_parameters_get_their_own_learning_rate():
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 2)})
+    groups = param_groups(model, TrainConfig(lr=1e-5, fresh_lr=1e-3), ("head.",))
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["lr"] == 1e-3
+    assert all(p is q for p, q in zip(groups[1]["params"], model["head"].parameters()))
+    opt = torch.optim.AdamW(groups, lr=1e-5)
+    assert [g["lr"] for g in opt.param_groups] == [1e-5, 1e-3]
+    # unset: one group at lr, as before
+    assert [len(g["params"]) for g in param_groups(model, TrainConfig(lr=1e-5), ("head.",))] == [4]
 
 
 def test_metrics_with_different_keys_per_worker_average_over_those_that_have_them():

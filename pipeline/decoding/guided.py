@@ -4,15 +4,18 @@ At each step boundary: K candidate steps are sampled from a copy of the running
 cache (batched, one row per candidate); the vectorized PRM scores every candidate
 as the next step; rewards are combined with the request's weights; the winner is
 kept together with its cache rows (cropped to its own length), so the policy never
-re-encodes the text. Boundaries per domain: `blank_lines` (math), `sentences`
+re-encodes the text. The PRM keeps a running cache of its own (prompt + accepted
+steps, each closed by its separator), so it too encodes only the K candidates'
+tokens. The mix of heads is merged once per request: one projection per token. Boundaries per domain: `blank_lines` (math), `sentences`
 (prose), `turn` (the whole turn: turn-level best-of-K, as the paper does for
 tutoring dialogues). Limits: `max_steps`, `max_step_tokens`, `max_new_tokens`.
 
 `reencode=True` runs the same search the way `model.generate(prefix,
 num_return_sequences=K)` does it at every step: the accepted tokens (prompt + steps
-so far) are encoded again for each of the K candidates. It is the baseline the
-cache is measured against. (It re-encodes token ids, not decoded text, so both
-see the same tokens.) Both consume the random generator identically, so they
+so far) are encoded again for each of the K candidates, by the policy and by the
+PRM (`score_last`). It is the baseline the cache is measured against. (It
+re-encodes token ids, not decoded text, so both see the same tokens; the PRM's
+input is built step by step in both, so both score the same ids.) Both consume the random generator identically, so they
 produce the same tokens up to floating-point ties; with greedy sampling exactly.
 """
 
@@ -61,7 +64,8 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary {boundary!r}: use one of {BOUNDARIES}")
     dev = policy.device
-    w = torch.as_tensor(weights, dtype=policy.heads.dtype, device=dev)
+    merged, _ = policy.merge_rows(torch.as_tensor([weights], dtype=policy.heads.dtype, device=dev))
+    run = lambda ids, **kw: policy(ids, head_ids=0, heads=merged, **kw)  # noqa: E731
     eos = eos_ids(tokenizer, policy.config)
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -71,13 +75,14 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
 
     def prefill(ids: list[int], rows: int = 1):
         c = DynamicCache()
-        out = policy(torch.tensor([ids] * rows, device=dev), weights=w, past_key_values=c, use_cache=True,
-                     logits_to_keep=1)
+        out = run(torch.tensor([ids] * rows, device=dev), past_key_values=c, use_cache=True, logits_to_keep=1)
         res.policy_forward_tokens += len(ids) * rows
         return c, out.logits[:, -1].float().cpu()
 
+    prm_cache = None
     if not reencode:
         cache, last_logits = prefill(prompt_ids)
+        prm_cache = PRMPrefix(prm, prm_tokenizer, prompt) if isinstance(getattr(prm, "backbone", None), torch.nn.Module) else None
     k = candidates
     while len(res.steps) < max_steps and len(res.token_ids) < max_new_tokens and not res.finished:
         if reencode:  # the baseline: the whole prefix encoded again, once per candidate
@@ -105,7 +110,7 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
                 break  # nothing to feed: every newly finished candidate ended with end-of-sequence
             feed = torch.tensor([[toks[i][-1] if toks[i] else 0] for i in range(k)], device=dev)
             pos = torch.tensor([[base_len + min(t, len(toks[i]) - 1)] for i in range(k)], device=dev)
-            out = policy(feed, weights=w, past_key_values=cand, use_cache=True, position_ids=pos)
+            out = run(feed, past_key_values=cand, use_cache=True, position_ids=pos)
             res.policy_forward_tokens += k
             logits = out.logits[:, -1].float().cpu()
             for i in newly:
@@ -113,8 +118,11 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
             if all(done):
                 break
         texts = [tokenizer.decode([x for x in tk if x not in eos]).strip() for tk in toks]
-        scores = combine(prm.score_last(prm_tokenizer, prompt, res.steps, texts), prm_weights)
+        rewards = prm_cache.score(texts) if prm_cache else prm.score_last(prm_tokenizer, prompt, res.steps, texts)
+        scores = combine(rewards, prm_weights)
         best = int(torch.argmax(scores))
+        if prm_cache:
+            prm_cache.accept(best)
         res.token_ids += toks[best]
         res.steps.append(texts[best])
         res.step_scores.append(float(scores[best]))
@@ -129,6 +137,45 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
                 cand.crop(-excess)
             cache, last_logits = cand, end_logits[best].unsqueeze(0)
     return res
+
+
+class PRMPrefix:
+    """The PRM's running KV cache: the prompt and the accepted steps, each followed by its separator,
+    tokenized piece by piece exactly as `encode_steps` does. Candidates are scored by encoding only
+    their own tokens (+ separator) on a K-row copy; the winner's rows become the new prefix."""
+
+    @torch.no_grad()
+    def __init__(self, prm, tokenizer, prompt: list[dict]):
+        self.prm, self.tok = prm, tokenizer
+        self.dev = next(prm.parameters()).device
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        self.cache = DynamicCache()
+        prm.backbone(input_ids=torch.tensor([ids], device=self.dev), past_key_values=self.cache, use_cache=True)
+        self.length, self._cand, self._pieces = len(ids), None, None
+
+    @torch.no_grad()
+    def score(self, candidates: list[str]) -> torch.Tensor:
+        """[K, n_objectives]: each candidate's reward as the next step (read at its separator)."""
+        pieces = [self.tok(c, add_special_tokens=False)["input_ids"] + [self.prm.sep_id] for c in candidates]
+        width = max(len(p) for p in pieces)
+        # right padding: a candidate's tokens never attend to the padding after them
+        ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in pieces], device=self.dev)
+        pos = torch.arange(self.length, self.length + width, device=self.dev).expand(len(pieces), -1)
+        cand = _repeat_cache(self.cache, len(pieces))
+        h = self.prm.backbone(input_ids=ids, past_key_values=cand, position_ids=pos, use_cache=True).last_hidden_state
+        last = torch.tensor([len(p) - 1 for p in pieces], device=self.dev)
+        rewards = self.prm.head(h[torch.arange(len(pieces), device=self.dev), last].to(self.prm.head.weight.dtype))
+        self._cand, self._pieces = cand, pieces
+        return rewards.float().cpu()
+
+    def accept(self, best: int) -> None:
+        n = len(self._pieces[best])
+        self._cand.batch_select_indices(torch.tensor([best], device=self.dev))
+        excess = self._cand.get_seq_length() - (self.length + n)
+        if excess > 0:
+            self._cand.crop(-excess)
+        self.cache, self.length, self._cand, self._pieces = self._cand, self.length + n, None, None
 
 
 def _repeat_cache(cache: DynamicCache, k: int) -> DynamicCache:

@@ -42,23 +42,35 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), att.to(device)
 
 
+def mix_strategy(n_unique: int, n_heads_used: int, head_bytes: int, budget_bytes: int) -> str:
+    """'merged' when the U distinct mixes' merged heads are no more to read per token than the
+    heads in use (and fit the budget), else 'per_token'."""
+    return "merged" if n_unique <= n_heads_used and n_unique * head_bytes <= budget_bytes else "per_token"
+
+
 @torch.no_grad()
 def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max_new_tokens: list[int] | int,
                   eos_ids: set[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int | None = None, merge_budget_bytes: int = 2 << 30) -> Iterator[list[int | None]]:
+                  seed: int | None = None, merge_budget_bytes: int = 2 << 30,
+                  strategy: str = "auto") -> Iterator[list[int | None]]:
     """Yields, per decoding step, each request's new token (None once it has finished).
 
-    Each distinct weight vector's merged head sum_i w_i W_i is built once, so every token
-    costs one vocabulary projection whatever the mix; when those heads would exceed
-    `merge_budget_bytes`, the mix is computed per token from the H heads instead."""
+    Decoding reads every head it projects on, every token, so it takes whichever reads fewer:
+    each distinct weight vector's merged head sum_i w_i W_i, built once (U heads for U distinct
+    mixes: one projection per token for a batch that shares its weights), or the per-token
+    mix of the H heads in use (when U exceeds them, e.g. every request its own weights, or
+    when U merged heads would exceed `merge_budget_bytes`). Both give the same tokens.
+    `strategy` ("merged" / "per_token") overrides the choice."""
     b = len(prompts)
     limits = torch.tensor([max_new_tokens] * b if isinstance(max_new_tokens, int) else max_new_tokens)
     gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     dev = model.device
     ids, att = left_pad(prompts, pad_id, dev)
     w = weights.to(dev, dtype=model.heads.dtype)
-    n_unique = len(torch.unique(w, dim=0))
-    if n_unique * model.heads[0].numel() * model.heads.element_size() <= merge_budget_bytes:
+    if strategy == "auto":
+        strategy = mix_strategy(len(torch.unique(w, dim=0)), int((w != 0).any(0).sum()),
+                                model.heads[0].numel() * model.heads.element_size(), merge_budget_bytes)
+    if strategy == "merged":
         merged, rows = model.merge_rows(w)
         mix = {"head_ids": rows, "heads": merged}
     else:

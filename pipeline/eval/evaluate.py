@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.eval.task_scores import std_error
+
 log = logging.getLogger(__name__)
 
 
@@ -96,7 +98,7 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
         res = score_task(task, by_task[task], engine, temperature=temperature, seed=0)
         for obj, s in res["objectives"].items():
             rows.append({"policy": pol["name"], "weights": json.dumps(w) if w else None, "decoding": "plain",
-                         "task": task, "objective": obj, "mean": s["mean"], "n": s["n"]})
+                         "task": task, "objective": obj, "mean": s["mean"], "n": s["n"], "se": s["se"]})
         log.info("eval %s %s %s: %s", pol["name"], task, w or "", {o: round(s["mean"], 3) for o, s in res["objectives"].items()})
     if engine is not None and hasattr(engine, "shutdown"):
         engine.shutdown()
@@ -107,7 +109,7 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
 
 def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm: str, tasks: list[str],
                     n_problems: int, candidates: int = 4, max_steps: int = 6, max_step_tokens: int = 64,
-                    temperature: float = 0.7, policy_names: list[str] | None = None) -> list[dict]:
+                    temperature: float = 0.7, policy_names: list[str] | None = None, dtype: str = "float32") -> list[dict]:
     """PRM-guided decoding on multi-head policies at equal weights over each task's objectives."""
     from pipeline.decoding.guided import guided_generate
     from pipeline.models.checkpoint import load_tokenizer
@@ -116,13 +118,15 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
     from pipeline.objectives import build_objectives
     from pipeline.tasks import get_task
 
-    prm_model, prm_tok = VectorPRM.load(prm)
+    import torch
+
+    prm_model, prm_tok = VectorPRM.load(prm, dtype=getattr(torch, dtype))
     prm_model.eval()
     rows = []
     for pol in policies:
         if pol["kind"] != "multihead" or (policy_names and pol["name"] not in policy_names):
             continue
-        policy = MultiHeadPolicy.load(pol["path"]).eval()
+        policy = MultiHeadPolicy.load(pol["path"], dtype=dtype).eval()
         tok = load_tokenizer(pol["path"])
         for task_name in tasks:
             task = get_task(task_name)
@@ -131,18 +135,20 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
             objs = task_objectives(task_name)
             w = [1.0 if o in objs else 0.0 for o in policy.objectives]
             prm_w = [1.0 if o in objs else 0.0 for o in prm_model.objectives]
-            items = []
-            for i, p in enumerate(by_task.get(task_name, [])[:n_problems]):
-                r = guided_generate(policy, tok, prm_model, prm_tok, p["prompt"], weights=w, prm_weights=prm_w,
-                                    candidates=candidates, max_steps=max_steps, max_step_tokens=max_step_tokens,
-                                    max_new_tokens=task.max_tokens, boundary="blank_lines" if task_name == "math_word"
-                                    else "sentences", temperature=temperature, seed=i)
-                meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
-                items.append({"prompt": p["prompt"], "response": tok.decode(r.token_ids, skip_special_tokens=True),
-                              "reference": p["reference"], "meta": meta})
-            for name, obj in build_objectives(task.objectives).items():
-                ok = [s for s in obj.score_batch(items) if s is not None]
-                rows.append({"policy": pol["name"], "weights": json.dumps({o: 1.0 / len(objs) for o in objs}),
-                             "decoding": f"guided(K={candidates})", "task": task_name, "objective": name,
-                             "mean": float(np.mean(ok)) if ok else float("nan"), "n": len(ok)})
+            # K = 1 is the same step-by-step sampling without a choice: the baseline on the same problems
+            for k in sorted({1, candidates}):
+                items = []
+                for i, p in enumerate(by_task.get(task_name, [])[:n_problems]):
+                    r = guided_generate(policy, tok, prm_model, prm_tok, p["prompt"], weights=w, prm_weights=prm_w,
+                                        candidates=k, max_steps=max_steps, max_step_tokens=max_step_tokens,
+                                        max_new_tokens=task.max_tokens, boundary="blank_lines"
+                                        if task_name == "math_word" else "sentences", temperature=temperature, seed=i)
+                    meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
+                    items.append({"prompt": p["prompt"], "response": tok.decode(r.token_ids, skip_special_tokens=True),
+                                  "reference": p["reference"], "meta": meta})
+                for name, obj in build_objectives(task.objectives).items():
+                    ok = [s for s in obj.score_batch(items) if s is not None]
+                    rows.append({"policy": pol["name"], "weights": json.dumps({o: 1.0 / len(objs) for o in objs}),
+                                 "decoding": f"guided(K={k})", "task": task_name, "objective": name,
+                                 "mean": float(np.mean(ok)) if ok else float("nan"), "n": len(ok), "se": std_error(ok)})
     return rows

@@ -9,9 +9,18 @@ from pipeline.rollout.episodes import run_episodes
 from pipeline.tasks import get_task
 
 
+def std_error(xs: list[float]) -> float:
+    """Standard error of the mean (sample std / sqrt(n)); NaN below two values."""
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
 def score_task(task_name: str, problems: list[dict], engine, *, judge_engine=None, extra_objectives=(),
                **sampling) -> dict:
-    """{objective: {mean, n, unscored, positive_rate}} plus the episodes, for one family.
+    """{objective: {mean, n, se, unscored, positive_rate}} plus the episodes, for one family.
     `extra_objectives` (ObjectiveSpecs from config) are scored beside the family's own."""
     task = get_task(task_name)
     objectives = build_objectives([*task.objectives, *extra_objectives], engine=judge_engine or engine)
@@ -25,7 +34,7 @@ def score_task(task_name: str, problems: list[dict], engine, *, judge_engine=Non
         for e, s in zip(episodes, scores):
             e.setdefault("scores", {})[name] = s
         ok = [s for s in scores if s is not None and not math.isnan(s)]
-        summary[name] = {"mean": sum(ok) / len(ok) if ok else float("nan"), "n": len(ok),
+        summary[name] = {"mean": sum(ok) / len(ok) if ok else float("nan"), "n": len(ok), "se": std_error(ok),
                          "unscored": len(scores) - len(ok),
                          "positive_rate": sum(s >= obj.threshold for s in ok) / len(ok) if ok else float("nan"),
                          **({"judge": obj.scorer.stats.as_dict()} if hasattr(obj.scorer, "stats") else {})}

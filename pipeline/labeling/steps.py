@@ -8,8 +8,11 @@
     judge_mc (judged)        k continuations from every prefix, the judge on each; hard label =
                              strict majority of positive verdicts (the last step: the judge on
                              the full response).
-    dialogue_prefix          the judge rates each dialogue prefix (up to a policy turn and the
-                             simulated user's reply to it); hard label = score >= threshold.
+    judge_prefix             the paper's Case B (rollouts too costly): the judge rates each prefix
+                             itself, no continuations; hard label = score >= threshold. A dialogue's
+                             prefix runs up to a policy turn and the simulated user's reply to it;
+                             a single-turn response's prefix is its first t steps.
+    dialogue_prefix          the same, by its older name (the default for dialogue objectives).
     outcome                  one score for the whole response on the last step, every other
                              step unlabelled (null): the data of a Bradley-Terry outcome model.
 
@@ -136,15 +139,20 @@ def label_judge_mc(engine, objective, trajs, mc: MCConfig, sampling) -> list[Lab
     return out
 
 
-def label_dialogue_prefix(objective, trajs) -> list[Labelled]:
+def label_prefix(objective, trajs) -> list[Labelled]:
     items, owners = [], []
     for i, tr in enumerate(trajs):
-        turns = tr["turns"] or [{"role": "assistant", "content": s} for s in tr["steps"]]
-        ends = [j for j, m in enumerate(turns) if m["role"] == "assistant"]
-        for j in ends:  # the prefix up to this policy turn and the user's reply to it
-            cut = j + 2 if j + 1 < len(turns) and turns[j + 1]["role"] == "user" else j + 1
-            items.append({"prompt": tr["prompt"], "response": turns[:cut], "reference": tr["reference"], "meta": tr["meta"]})
-            owners.append(i)
+        if tr["turns"]:  # dialogue: up to each policy turn and the user's reply to it
+            turns = tr["turns"]
+            for j in (j for j, m in enumerate(turns) if m["role"] == "assistant"):
+                cut = j + 2 if j + 1 < len(turns) and turns[j + 1]["role"] == "user" else j + 1
+                items.append({"prompt": tr["prompt"], "response": turns[:cut], "reference": tr["reference"], "meta": tr["meta"]})
+                owners.append(i)
+        else:
+            for t in range(1, len(tr["steps"]) + 1):
+                items.append({"prompt": tr["prompt"], "response": objective.joiner.join(tr["steps"][:t]),
+                              "reference": tr["reference"], "meta": tr["meta"]})
+                owners.append(i)
     scores = objective.score_batch(items) if items else []
     per: dict[int, list] = {i: [] for i in range(len(trajs))}
     for i, s in zip(owners, scores):
@@ -161,7 +169,7 @@ def label_outcome(objective, trajs) -> list[Labelled]:
               "reference": tr["reference"], "meta": tr["meta"]} for tr in trajs]
     out = []
     for tr, s in zip(trajs, objective.score_batch(items)):
-        out.append(Labelled([None] * (len(tr["steps"]) - 1) + [None if s is None else float(s)], "soft", 0, s is None))
+        out.append(Labelled([None] * (len(tr["steps"]) - 1) + [None if s is None else float(s)], "soft", 0, int(s is None)))
     return out
 
 
@@ -170,8 +178,8 @@ def label_objective(method: str, engine, objective, trajs, mc: MCConfig, samplin
         return label_mc(engine, objective, trajs, mc, sampling)
     if method == "judge_mc":
         return label_judge_mc(engine, objective, trajs, mc, sampling)
-    if method == "dialogue_prefix":
-        return label_dialogue_prefix(objective, trajs)
+    if method in ("judge_prefix", "dialogue_prefix"):
+        return label_prefix(objective, trajs)
     if method == "outcome":
         return label_outcome(objective, trajs)
     raise ValueError(f"unknown labelling method {method!r}")

@@ -22,17 +22,25 @@ single-head causal LM (untied head = sum_i w_i W_i) that transformers and vLLM l
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from pipeline.models.tokenize import IGNORE
+
 HEADS_FILE, CONFIG_FILE = "heads.safetensors", "multihead_config.json"
 
 
 class IncompleteCheckpointError(ValueError):
     pass
+
+
+@dataclass
+class SequenceLogps:
+    logps: torch.Tensor  # [B]
 
 
 def load_checked(path: str | Path, dtype: str = "float32"):
@@ -99,15 +107,18 @@ class MultiHeadPolicy(nn.Module):
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     def forward(self, input_ids, attention_mask=None, head_ids=None, weights=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None, heads=None):
+                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None, heads=None, labels=None):
         """Logits of each example's routed head (`head_ids`: int or [B]) or of its mix (`weights`: [H] or [B, H]).
         `heads` ([U, vocab, hidden]) replaces the model's heads for `head_ids`: merged heads computed once
-        per weight vector (see merge_rows), so a mix costs one projection per token."""
+        per weight vector (see merge_rows), so a mix costs one projection per token.
+        With `labels` (and `head_ids`): SequenceLogps, each row's summed log-probs of its labelled tokens."""
         if (head_ids is None) == (weights is None):
             raise ValueError("pass exactly one of head_ids (training) or weights (mixing)")
         out = self.hidden(input_ids, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
                           position_ids=position_ids)
         h = out.last_hidden_state
+        if labels is not None:
+            return SequenceLogps(self.labelled_logps(h, head_ids, labels))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if head_ids is not None:
@@ -120,6 +131,18 @@ class MultiHeadPolicy(nn.Module):
         """(merged heads [U, vocab, hidden] for the U distinct rows of weights [B, H], row -> index [B])."""
         uniq, inverse = torch.unique(weights.to(self.heads.dtype), dim=0, return_inverse=True)
         return torch.einsum("uh,hvd->uvd", uniq.to(self.heads.device), self.heads), inverse
+
+    def labelled_logps(self, h: torch.Tensor, head_ids, labels: torch.Tensor) -> torch.Tensor:
+        """[B] sums of log p(label) under each row's head. Only labelled positions are projected on the
+        vocabulary: prompt and padding never cost a [vocab] row (nor its float32 log-softmax)."""
+        tgt = labels[:, 1:]
+        rows, cols = (tgt != IGNORE).nonzero(as_tuple=True)
+        ids = torch.as_tensor(head_ids, device=h.device).expand(h.shape[0]) if isinstance(head_ids, int) \
+            else torch.as_tensor(head_ids, device=h.device)
+        # float32: bf16 log-probs summed over hundreds of tokens lose the margin
+        logits = self.routed_logits(h[:, :-1][rows, cols], ids[rows]).float()
+        lp = logits.gather(1, tgt[rows, cols].unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+        return torch.zeros(h.shape[0], dtype=lp.dtype, device=h.device).index_add(0, rows, lp)
 
     def routed_logits(self, h: torch.Tensor, head_ids, heads=None) -> torch.Tensor:
         W = self.heads if heads is None else heads

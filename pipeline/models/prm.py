@@ -156,8 +156,11 @@ class VectorPRM(nn.Module):
 
 
 def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str], separator: str = DEFAULT_SEPARATOR,
-              dtype: torch.dtype = torch.float32) -> tuple[VectorPRM, object]:
-    """A fresh vectorized PRM on a causal LM's backbone (its LM head is not used)."""
+              dtype: torch.dtype = torch.float32, priors: list[float] | None = None) -> tuple[VectorPRM, object]:
+    """A fresh vectorized PRM on a causal LM's backbone (its LM head is not used).
+    `priors` (one per objective: the mean soft label, the logit of the hard labels' positive
+    rate) start the head at predicting them: zero weights, the prior as bias. Training then
+    starts from the trivial baseline instead of random outputs of the hidden states' scale."""
     from transformers import AutoModel
 
     from pipeline.models.checkpoint import check_safetensors, load_tokenizer
@@ -169,7 +172,12 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
         backbone.resize_token_embeddings(len(tok))
     if unknown := set(label_kinds.values()) - {"soft", "hard", "outcome"}:
         raise ValueError(f"unknown label kinds {unknown}; use soft, hard or outcome")
-    return VectorPRM(backbone, objectives, label_kinds, separator, sep_id), tok
+    prm = VectorPRM(backbone, objectives, label_kinds, separator, sep_id)
+    if priors is not None:
+        with torch.no_grad():
+            prm.head.weight.zero_()
+            prm.head.bias.copy_(torch.tensor(priors, dtype=prm.head.bias.dtype))
+    return prm, tok
 
 
 def _messages(prompt):

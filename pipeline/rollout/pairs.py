@@ -117,6 +117,27 @@ def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: l
     return out
 
 
+def pair_agreement(pairs: list[dict], problems: dict[str, dict]) -> dict[str, dict[str, int]]:
+    """Per task/objective, how the task's own verifier or judge sees the pairs the PRM chose:
+    chosen scored higher (agree), equal (tie), lower (disagree), or not scorable. A check of
+    the PRM's pairs against the ground truth they stand in for."""
+    from collections import Counter
+
+    items, tasks = [], []
+    for p in pairs:
+        pid = p["id"][: -len(p["objective"]) - 1]  # "<problem id>-<objective>"
+        task = problems[pid]["task"]
+        tasks.append(task)
+        items += [{"problem_id": pid, "task": task, "response": p[k]} for k in ("chosen", "rejected")]
+    scores = score_with_objectives(items, problems, sorted({p["objective"] for p in pairs})) if pairs else {}
+    out: dict[str, Counter] = defaultdict(Counter)
+    for k, (p, task) in enumerate(zip(pairs, tasks)):
+        c, r = scores[p["objective"]][2 * k], scores[p["objective"]][2 * k + 1]
+        verdict = "unscored" if c != c or r != r else "agree" if c > r else "tie" if c == r else "disagree"
+        out[f"{task}/{p['objective']}"][verdict] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
 def run_build_pairs(cfg) -> dict:
     import ray
 
@@ -182,13 +203,13 @@ def run_build_pairs(cfg) -> dict:
     if cfg.ref_logps:
         table = pa.concat_tables(list(ray.data.from_arrow(table).map_batches(
             RefLogps, fn_constructor_kwargs={"model_dir": model_dir, "max_length": cfg.dpo.max_length,
-                                             "max_prompt_length": cfg.dpo.max_prompt_length,
+                                             "max_prompt_length": cfg.dpo.max_prompt_length, "dtype": cfg.dpo.ref_dtype,
                                              "micro_batch_size": cfg.ref_batch_size},
             batch_format="pyarrow", batch_size=64, concurrency=1, num_cpus=cfg.ref_num_cpus,
             num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
     path = write_records(table, out / "pairs-00000.parquet", "preference")
     if cfg.ref_logps:
-        write_meta(out, model_dir, cfg.dpo.max_length, cfg.dpo.max_prompt_length, "float32")
+        write_meta(out, model_dir, cfg.dpo.max_length, cfg.dpo.max_prompt_length, cfg.dpo.ref_dtype)
     per_obj = defaultdict(int)
     for p in pairs:
         per_obj[p["objective"]] += 1

@@ -26,6 +26,16 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (lp * mask).sum(-1)
 
 
+def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sequence_logps of a Hugging Face causal LM, with logits only from the batch's first labelled
+    position on (`logits_to_keep`): the prompt span every row shares never reaches the vocabulary."""
+    labelled = labels != IGNORE
+    first = int(labelled.float().argmax(1).min()) if bool(labelled.any(1).all()) else 0
+    keep = labels.shape[1] - max(first - 1, 0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    return sequence_logps(logits, labels[:, -keep:])
+
+
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0):
     """Per-pair losses and the (detached) chosen / rejected rewards."""

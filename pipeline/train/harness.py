@@ -54,6 +54,8 @@ class TrainSpec:
     # the loss's metrics averaged over batches and workers.
     evaluate: Callable[[Any, Any, int], dict[str, float]] | None = None
     params: dict = field(default_factory=dict)  # logged to the tracker
+    # Name prefixes of parameters created from scratch (not loaded); they train at cfg.fresh_lr.
+    fresh_params: tuple[str, ...] = ()
 
 
 @dataclass
@@ -63,6 +65,16 @@ class FitResult:
     checkpoint: str | None
     export_dir: str | None
     log_dir: str
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig, fresh: tuple[str, ...]) -> list[dict]:
+    """Optimizer groups: parameters named with a `fresh` prefix train at cfg.fresh_lr (when set)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_fresh = [bool(cfg.fresh_lr) and n.startswith(fresh) for n, _ in named]
+    groups = [{"params": [p for (_, p), f in zip(named, is_fresh) if not f]}]
+    if any(is_fresh):
+        groups.append({"params": [p for (_, p), f in zip(named, is_fresh) if f], "lr": cfg.fresh_lr})
+    return groups
 
 
 def plan_steps(num_rows: int, cfg: TrainConfig) -> tuple[int, int]:
@@ -179,8 +191,7 @@ def _train_loop(config: dict) -> None:
     model = spec.build_model()
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, spec.fresh_params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)

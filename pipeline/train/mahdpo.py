@@ -30,7 +30,7 @@ import torch
 
 from pipeline.models.multihead import MultiHeadPolicy, load_checked
 from pipeline.models.tokenize import IGNORE, encode_pair
-from pipeline.train.dpo_losses import dpo_loss, per_head_loss, sequence_logps
+from pipeline.train.dpo_losses import causal_lm_logps, dpo_loss, per_head_loss
 from pipeline.train.harness import FitResult, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,16 @@ def _reference(model_dir: str, dtype: str, device: str):
 @torch.no_grad()
 def reference_logps(model_dir: str, dtype: str, batch: dict) -> torch.Tensor:
     ref = _reference(model_dir, dtype, str(batch["input_ids"].device))
-    return sequence_logps(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                          batch["labels"])
+    return causal_lm_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float], beta: float, loss_type: str,
                 label_smoothing: float, ref_model: str, ref_dtype: str):
     n = batch["head"].numel()
     heads = batch["head"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], head_ids=torch.cat([heads, heads]))
-    logps = sequence_logps(out.logits, batch["labels"])
+    # chosen and rejected in one forward; only their completion tokens are projected on the vocabulary
+    logps = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], head_ids=torch.cat([heads, heads]),
+                  labels=batch["labels"]).logps
     ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
     if torch.isnan(ref_c).any() or torch.isnan(ref_r).any():
         r = reference_logps(ref_model, ref_dtype, batch)
@@ -166,17 +166,20 @@ class SoupMembers(torch.nn.Module):
     def from_sft(cls, path, objectives, noise_std=1e-3, seed=0, dtype="float32") -> "SoupMembers":
         return cls([MultiHeadPolicy.from_sft(path, [o], noise_std, seed, dtype) for o in objectives])
 
-    def forward(self, input_ids, attention_mask=None, head_ids=None, **kw):
+    def forward(self, input_ids, attention_mask=None, head_ids=None, labels=None, **kw):
         from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from pipeline.models.multihead import SequenceLogps
 
         parts, order = [], []
         for j in torch.unique(head_ids).tolist():
             idx = (head_ids == j).nonzero().squeeze(1)
-            parts.append(self.members[j](input_ids.index_select(0, idx), attention_mask.index_select(0, idx),
-                                         head_ids=0).logits)
+            out = self.members[j](input_ids.index_select(0, idx), attention_mask.index_select(0, idx), head_ids=0,
+                                  labels=None if labels is None else labels.index_select(0, idx))
+            parts.append(out.logits if labels is None else out.logps)
             order.append(idx)
-        logits = torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
-        return CausalLMOutputWithPast(logits=logits)
+        joined = torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
+        return CausalLMOutputWithPast(logits=joined) if labels is None else SequenceLogps(joined)
 
 
 def export_soup(module: SoupMembers, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
@@ -212,7 +215,7 @@ def check_ref_meta(paths: list[str], model_dir: str, dpo) -> None:
             continue
         meta = json.loads(f.read_text())
         want = {"model": str(Path(model_dir).resolve()), "max_length": dpo.max_length,
-                "max_prompt_length": dpo.max_prompt_length}
+                "max_prompt_length": dpo.max_prompt_length, "dtype": dpo.ref_dtype}
         bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if bad:
             raise ValueError(f"{f}: the cached reference log-probs were computed with other settings "
@@ -236,19 +239,24 @@ def merge_soup(dirs: list[str], weights: list[float], out_dir: str | None = None
     return merged
 
 
-def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]], held: list[dict], seed: int):
-    """[(name, head names, training groups, objective -> head, eval rows)], one per model to fit."""
+def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]], held: list[dict], seed: int,
+              soup_together: bool = False):
+    """[(name, head names, training groups, objective -> head, eval rows)], one per run to fit."""
     index = {o: i for i, o in enumerate(objectives)}
     cut = balanced_groups(by_obj, objectives, seed)
     if method == "mahdpo":
         return [("", objectives, cut, index, held)]
-    if method == "single":  # the same pairs, pooled into one head
-        pooled = [[r] for g in cut for r in g]
+    if method == "single":  # the same pairs, pooled into one head, as many per step as MAH-DPO's groups
+        pooled = [r for g in cut for r in g]
         random.Random(seed).shuffle(pooled)
-        return [("", ["pooled"], pooled, {o: 0 for o in objectives}, held)]
-    # soup: one single-head model per objective, each on its objective's pairs (the balanced groups
-    # route pair i of a group to member i), all trained in one run
-    return [("", objectives, cut, index, held)]
+        k = len(objectives)
+        return [("", ["pooled"], [pooled[i: i + k] for i in range(0, len(pooled), k)], {o: 0 for o in objectives}, held)]
+    # soup: one single-head model per objective, each on its objective's pairs (the same balanced cut,
+    # one pair per step as MAH-DPO gives each head); in one run, a group routes pair i to member i
+    if soup_together:
+        return [("", objectives, cut, index, held)]
+    return [(o, [o], [[g[i]] for g in cut], {o: 0}, [r for r in held if r["objective"] == o])
+            for i, o in enumerate(objectives)]
 
 
 def run_fit_policy(cfg) -> dict[str, FitResult]:
@@ -286,21 +294,22 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         t = groups_table(groups, head_of, index)
         return ray.data.from_arrow(t).map_batches(tokenize_groups, fn_kwargs=tok_kw, batch_format="pyarrow")
 
-    runs = plan_runs(cfg.method, objectives, by_obj, held, cfg.dpo.seed)
+    runs = plan_runs(cfg.method, objectives, by_obj, held, cfg.dpo.seed, cfg.soup_together)
+    together = cfg.method == "soup" and cfg.soup_together
     results = {}
     out = Path(cfg.output_dir)
     for name, heads, groups, head_of, evals in runs:
         sub = out / name if name else out
         datasets = {"train": dataset(groups, head_of)}
         if evals:
-            datasets["eval"] = dataset([[r] for r in evals], {**{o: head_of.get(o, 0) for o in objectives}})
-        spec = build_spec(model_dir, heads, objectives, cfg.dpo, cfg.train.bf16, soup=cfg.method == "soup",
+            datasets["eval"] = dataset([[r] for r in evals], {o: head_of.get(o, 0) for o in objectives})
+        spec = build_spec(model_dir, heads, objectives, cfg.dpo, cfg.train.bf16, soup=together,
                           params={"method": cfg.method, "heads": heads, "model": model_dir, **cfg.dpo.model_dump()})
         log.info("fit_policy[%s%s]: %d groups of %d pair(s), heads %s", cfg.method, f":{name}" if name else "",
                  len(groups), len(groups[0]), heads)
         r = fit(spec, cfg.train, datasets, run_name=f"{cfg.run_name}{'-' + name if name else ''}",
                 num_train_rows=len(groups), log_dir=str(sub / "logs"), export_dir=str(sub / "model"))
-        if cfg.method == "soup":  # one result per member, each with its own export
+        if together:  # one result per member, each with its own export
             import dataclasses
 
             for o in objectives:

@@ -114,19 +114,35 @@ def export_prm(module: VectorPRM, state_dict: dict, out_dir: str, tokenizer_dir:
     module.save(out_dir, tokenizer=tok, state_dict=state_dict)
 
 
-def _build(model_dir, objectives, kinds, separator):
-    return build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator)[0]
+def _build(model_dir, objectives, kinds, separator, priors=None):
+    return build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator, priors=priors)[0]
+
+
+def label_priors(rows: list[dict], objectives: list[str], kinds: list[str]) -> list[float]:
+    """Per objective, what a trivial baseline predicts: the mean soft label, the logit of the hard
+    labels' positive rate, 0 for outcome scores (only their differences are trained)."""
+    out = []
+    for o, kind in zip(objectives, kinds):
+        vals = [x for r in rows if r["objective"] == o for x in r["labels"] if x is not None]
+        mean = sum(vals) / len(vals) if vals else 0.5
+        if kind == "hard":
+            p = min(max(mean, 1e-3), 1 - 1e-3)
+            out.append(math.log(p / (1 - p)))
+        else:
+            out.append(mean if kind == "soft" else 0.0)
+    return out
 
 
 def build_spec(model_dir: str, objectives: list[str], kinds: list[str], weights: list[float] | None = None,
-               separator: str = DEFAULT_SEPARATOR) -> TrainSpec:
+               separator: str = DEFAULT_SEPARATOR, priors: list[float] | None = None) -> TrainSpec:
     tok, _ = _tokenizer(model_dir, separator)
     return TrainSpec(
-        build_model=functools.partial(_build, model_dir, objectives, kinds, separator),
+        build_model=functools.partial(_build, model_dir, objectives, kinds, separator, priors),
         collate=PRMCollate(tok.pad_token_id, len(objectives)),
         loss=functools.partial(prm_loss, objectives=objectives, kinds=kinds, weights=weights or [1.0] * len(objectives)),
         export=functools.partial(export_prm, tokenizer_dir=model_dir),
         params={"model": model_dir, "objectives": objectives, "kinds": kinds},
+        fresh_params=("head.",),  # VectorPRM.head: one output per objective, initialised at random
     )
 
 
@@ -208,7 +224,9 @@ def run_fit_prm(cfg) -> FitResult:
         datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(evals)).map_batches(
             tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
     weights = [cfg.loss_weights.get(o, 1.0) for o in objectives]
-    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator)
+    priors = label_priors([r for r in rows if not held_out(json.dumps(r["prompt"]), cfg.data.eval_fraction)],
+                          objectives, kinds) if cfg.prior_init else None
+    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, priors)
     spec.evaluate = functools.partial(prm_evaluate, objectives=objectives, kinds=kinds, collate=spec.collate)
     out = cfg.output_dir
     return fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train), log_dir=f"{out}/logs",

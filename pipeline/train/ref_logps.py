@@ -34,7 +34,7 @@ class RefLogps:
     @torch.no_grad()
     def logps(self, rows: list[dict]) -> tuple[list[float], list[float]]:
         from pipeline.train.mahdpo import PairCollate
-        from pipeline.train.dpo_losses import sequence_logps
+        from pipeline.train.dpo_losses import causal_lm_logps
 
         collate = PairCollate(self.tok.pad_token_id)
         chosen, rejected = [], []
@@ -44,9 +44,8 @@ class RefLogps:
             b = collate({k: [[e[k]] for e in enc] for k in enc[0] if k != "truncated"}
                         | {k: [[0]] * len(enc) for k in ("head", "objective_id")}
                         | {k: [[0.0]] * len(enc) for k in ("ref_chosen", "ref_rejected")})
-            lp = sequence_logps(self.model(input_ids=b["input_ids"].to(self.device),
-                                           attention_mask=b["attention_mask"].to(self.device)).logits,
-                                b["labels"].to(self.device)).cpu().tolist()
+            lp = causal_lm_logps(self.model, b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
+                                 b["labels"].to(self.device)).cpu().tolist()
             chosen += lp[: len(enc)]
             rejected += lp[len(enc):]
         return chosen, rejected
