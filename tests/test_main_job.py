@@ -19,7 +19,7 @@ def test_main_job_quick_profile_end_to_end_and_resume(tmp_path, ray_session):
                              "fit_policy_mahdpo", "fit_policy_single", "fit_policy_soup", "eval", "serve"])
     report = (run / "report.md").read_text()
     for needle in ("Time per stage", "The paper's findings in miniature", "**F1**", "**F4**", "Serve check",
-                   "pareto_math_word.png", "| objective | steps | AUROC |", "task's own verifier / judge",
+                   "pareto_math_word.png", "| objective | steps | AUROC (+- SE) |", "task's own verifier / judge",
                    "Why, from this run's data", "- Floor: the SFT policy scores 0 on"):
         assert needle in report, needle
     assert (run / "pareto_math_word.png").exists() and (run / "eval" / "scores.parquet").exists()
