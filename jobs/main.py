@@ -16,6 +16,7 @@ result, the evaluation tables and plots, and the paper's findings checked in min
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def diagnosis(rows: list[dict], agreement: dict, policies: dict, pairs: dict) ->
         f"- Training: {pairs.get('pairs', 0)} pairs; optimizer steps " + ", ".join(f"{m} {n}" for m, n in steps.items())
         + " (1 epoch of the balanced cut).",
     ]
-    se = [r["se"] for r in plain if r.get("se") == r.get("se") and r.get("se") is not None]
+    se = [r["se"] for r in plain if r.get("se") is not None and not math.isnan(r["se"])]
     if se:
         lines.append(f"- Noise: n = {min(r['n'] for r in plain)}-{max(r['n'] for r in plain)} problems per cell; "
                      f"median standard error {sorted(se)[len(se) // 2]:.3f}.")

@@ -371,7 +371,6 @@ class EvalJobConfig(Strict):
     n_per_task: int | None = Field(None, ge=1)  # the first n problems of each task; None: all
     policies: list[EvalPolicy] = Field(default_factory=list)
     sweep_points: int = Field(5, ge=2)
-    sweep_soup: bool = True  # the DPO soup along the sweep too (its Pareto front); false: equal weights only
     temperature: float = Field(0.0, ge=0)  # 0: greedy
     engine: EngineConfig = Field(default_factory=EngineConfig)
     guided: GuidedEvalConfig | None = None

@@ -35,15 +35,17 @@ def main() -> None:
     model, tok = VectorPRM.load(args.prm)
     model.eval()
     rows = [r for r in read_records(args.labels, "stepwise")[0].to_pylist() if r["objective"] in model.objectives]
-    preds, labels = [], []
+    preds, labels, groups, prompts = [], [], [], {}
     with torch.no_grad():
         for ex in tqdm(merge_stepwise(rows, model.objectives), desc="score", mininterval=5):
             preds.append(model.score(tok, ex["prompt"], ex["completions"]).numpy())
             labels.append(np.array([[np.nan if x is None else x for x in step] for step in ex["labels"]], dtype=float))
-    p, y = np.concatenate(preds), np.concatenate(labels)
+            # outcome objectives compare responses to the same prompt
+            groups.append(np.full(len(ex["labels"]), prompts.setdefault(ex["prompt_key"], len(prompts))))
+    p, y, g = np.concatenate(preds), np.concatenate(labels), np.concatenate(groups)
     metrics = {}
-    for j, (name, kind) in enumerate(zip(model.objectives, [model.label_kinds[o] for o in model.objectives])):
-        for k, v in objective_metrics(kind, p[:, j], y[:, j]).items():
+    for j, name in enumerate(model.objectives):
+        for k, v in objective_metrics(model.label_kinds[name], p[:, j], y[:, j], g).items():
             metrics[f"eval/{name}/{k}"] = float(v)
     print(baseline_table(metrics))
     print(json.dumps(metrics))

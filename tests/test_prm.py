@@ -223,9 +223,10 @@ def test_micro_batch_without_labels_gives_a_zero_loss_not_a_crash(tiny_model_dir
 def test_head_starts_at_the_trivial_baseline(tiny_model_dir):
     from pipeline.train.prm import label_priors
 
-    rows = [{"objective": "acc", "labels": [0.2, 0.4, None]}, {"objective": "acc", "labels": [0.0]},
-            {"objective": "eng", "labels": [1.0, 0.0, 0.0, 0.0]}, {"objective": "pref", "labels": [None, 3.0]}]
-    priors = label_priors(rows, ["acc", "eng", "pref"], ["soft", "hard", "outcome"])
+    # label vectors per step, [acc, eng, pref]; None: no label
+    examples = [{"labels": [[0.2, 1.0, None], [0.4, 0.0, 3.0], [None, 0.0, None]]},
+                {"labels": [[0.0, 0.0, None]]}]
+    priors = label_priors(examples, ["soft", "hard", "outcome"])
     assert priors == pytest.approx([0.2, math.log(0.25 / 0.75), 0.0])
     model, tok = build_prm(tiny_model_dir, ["acc", "eng", "pref"], {"acc": "soft", "eng": "hard", "pref": "outcome"},
                            priors=priors)

@@ -6,7 +6,8 @@ as the next step; rewards are combined with the request's weights; the winner is
 kept together with its cache rows (cropped to its own length), so the policy never
 re-encodes the text. The PRM keeps a running cache of its own (prompt + accepted
 steps, each closed by its separator), so it too encodes only the K candidates'
-tokens. The mix of heads is merged once per request: one projection per token. Boundaries per domain: `blank_lines` (math), `sentences`
+tokens. The mix of heads is merged once per request: one projection per token.
+Boundaries per domain: `blank_lines` (math), `sentences`
 (prose), `turn` (the whole turn: turn-level best-of-K, as the paper does for
 tutoring dialogues). Limits: `max_steps`, `max_step_tokens`, `max_new_tokens`.
 
@@ -15,8 +16,9 @@ num_return_sequences=K)` does it at every step: the accepted tokens (prompt + st
 so far) are encoded again for each of the K candidates, by the policy and by the
 PRM (`score_last`). It is the baseline the cache is measured against. (It
 re-encodes token ids, not decoded text, so both see the same tokens; the PRM's
-input is built step by step in both, so both score the same ids.) Both consume the random generator identically, so they
-produce the same tokens up to floating-point ties; with greedy sampling exactly.
+input is built step by step in both, so both score the same ids.) Both consume
+the random generator identically, so they produce the same tokens up to
+floating-point ties; with greedy sampling exactly.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ aspects, so labels of their own samples are almost all negative and a PRM learns
 "everything is bad". The demonstrations mix styles on purpose (engaging / terse / slip /
 rambling math, thorough / concise / rambling answers, socratic / leaking / careless tutors),
 so their prefixes fall on both sides of every objective; math demonstrations also get a
-copy whose first computation is wrong, the error carried to the answer. Labels still come from jobs.label_steps (MC with the
-completer, or the judge), never from here.
+copy whose first computation is wrong, the error carried to the answer. Labels still
+come from jobs.label_steps (MC with the completer, or the judge), never from here.
 """
 
 from __future__ import annotations

@@ -118,12 +118,13 @@ def _build(model_dir, objectives, kinds, separator, priors=None):
     return build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator, priors=priors)[0]
 
 
-def label_priors(rows: list[dict], objectives: list[str], kinds: list[str]) -> list[float]:
-    """Per objective, what a trivial baseline predicts: the mean soft label, the logit of the hard
-    labels' positive rate, 0 for outcome scores (only their differences are trained)."""
+def label_priors(examples: list[dict], kinds: list[str]) -> list[float]:
+    """Per objective (merged examples' label vectors), what a trivial baseline predicts: the mean
+    soft label, the logit of the hard labels' positive rate, 0 for outcome scores (only their
+    differences are trained)."""
     out = []
-    for o, kind in zip(objectives, kinds):
-        vals = [x for r in rows if r["objective"] == o for x in r["labels"] if x is not None]
+    for j, kind in enumerate(kinds):
+        vals = [step[j] for e in examples for step in e["labels"] if step[j] is not None]
         mean = sum(vals) / len(vals) if vals else 0.5
         if kind == "hard":
             p = min(max(mean, 1e-3), 1 - 1e-3)
@@ -224,8 +225,7 @@ def run_fit_prm(cfg) -> FitResult:
         datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(evals)).map_batches(
             tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
     weights = [cfg.loss_weights.get(o, 1.0) for o in objectives]
-    priors = label_priors([r for r in rows if not held_out(json.dumps(r["prompt"]), cfg.data.eval_fraction)],
-                          objectives, kinds) if cfg.prior_init else None
+    priors = label_priors(train, kinds) if cfg.prior_init else None
     spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, priors)
     spec.evaluate = functools.partial(prm_evaluate, objectives=objectives, kinds=kinds, collate=spec.collate)
     out = cfg.output_dir
