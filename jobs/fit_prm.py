@@ -12,7 +12,8 @@ from pipeline.train.prm import run_fit_prm
 def main(argv: list[str] | None = None):
     cfg = start_job(PRMJobConfig, "fit_prm.yaml", argv, "output_dir")
     r = run_fit_prm(cfg)
-    print(f"fit_prm: {r.step} steps; held-out: " + json.dumps({k: v for k, v in r.metrics.items() if k.startswith("eval/")}))
+    held_out = {k: v for k, v in r.metrics.items() if k.startswith(("eval/", "probe/"))}  # probe/: the head's start
+    print(f"fit_prm: {r.step} steps; held-out: " + json.dumps(held_out))
     return r
 
 

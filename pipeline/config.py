@@ -235,9 +235,12 @@ class PRMJobConfig(Strict):
     objectives: list[str] = Field(default_factory=list)  # head order; empty: every objective in the data
     outcome_objectives: list[str] = Field(default_factory=list)  # trained Bradley-Terry on final labels
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective, default 1
-    # Start the value head at the trivial baseline (zero weights, bias = the training labels' mean /
-    # positive-rate logit) instead of random outputs; false: a random head.
-    prior_init: bool = True
+    # The value head's start: "probe" fits it on the backbone's frozen features first (LP-FT,
+    # pipeline.train.prm_probe); "prior" zero weights and the trivial baseline as bias (the
+    # training labels' mean / positive-rate logit); "random" std 0.02.
+    head_init: Literal["probe", "prior", "random"] = "probe"
+    probe_examples: int = Field(2048, ge=1)  # training examples whose features the probe reads
+    probe_c: float = Field(0.1, gt=0)  # the probe's inverse L2 strength (scikit-learn's C)
     separator: str = "<|step|>"
     max_length: int = Field(1024, ge=16)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -131,7 +131,7 @@ def test_metrics_against_hand_computed_values():
 def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     """jobs.fit_prm on stepwise shards with two objectives (soft + hard, separate rows merged per
     response) on 2 workers under ZeRO-3 (embedding resize and head under zero.Init): the loss falls,
-    held-out metrics per objective, the best
+    held-out metrics per objective (and the linear probe's that started the head), the best
     model kept; then the batch scorer and score() agree."""
     import pyarrow as pa
 
@@ -162,7 +162,7 @@ def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     losses = [m["loss"] for m in read_metrics(str(tmp_path / "prm" / "logs"))]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert {"eval/accuracy/mse", "eval/accuracy/mse_mean_baseline", "eval/engagement/auroc",
-            "eval/engagement/step_accuracy"} <= set(res.metrics)
+            "eval/engagement/step_accuracy", "probe/accuracy/mse", "probe/engagement/auroc"} <= set(res.metrics)
     assert (tmp_path / "prm" / "model_best" / "prm_head.safetensors").exists()
 
     model, tok = VectorPRM.load(tmp_path / "prm" / "model")
@@ -229,10 +229,50 @@ def test_head_starts_at_the_trivial_baseline(tiny_model_dir):
     priors = label_priors(examples, ["soft", "hard", "outcome"])
     assert priors == pytest.approx([0.2, math.log(0.25 / 0.75), 0.0])
     model, tok = build_prm(tiny_model_dir, ["acc", "eng", "pref"], {"acc": "soft", "eng": "hard", "pref": "outcome"},
-                           priors=priors)
+                           head={"bias": priors})
     enc = encode_steps(tok, [{"role": "user", "content": "Q?"}], ["one", "two words", "three"], model.sep_id, 256)
     with torch.no_grad():
         out = model(torch.tensor([enc["input_ids"]]), positions=torch.tensor([enc["positions"]]))[0]
     # every step predicts the prior: the mean (soft), the positive rate (hard, through the sigmoid)
     assert torch.allclose(out, torch.tensor(priors).expand(3, -1), atol=1e-6)
     assert torch.sigmoid(out[0, 1]).item() == pytest.approx(0.25)
+
+
+def test_linear_probe_head_ranks_past_outlier_dimensions():
+    """The probe (LP-FT start) on features like SmolLM2's: one huge dimension that carries no
+    label and a small one that does. Fitted on standardised features and returned in the raw
+    space, the head ranks held-out steps by the small dimension for a hard and a soft objective;
+    an objective with one class keeps zero weights and its prior."""
+    import numpy as np
+
+    from pipeline.train.prm_metrics import auroc
+    from pipeline.train.prm_probe import fit_head
+
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        x = rng.normal(size=(n, 6))
+        x[:, 0] = 40 + 10 * x[:, 0]  # outlier dimension, no signal
+        x[:, 1] *= 0.05  # the signal, at 1/200 of the outlier's scale
+        y = np.stack([(x[:, 1] > 0).astype(float), 0.5 + 4 * x[:, 1], np.zeros(n)], 1)
+        y[: n // 3, 1] = np.nan  # missing labels are skipped, not read as 0
+        return x, y
+
+    x, y = data(300)
+    weight, bias = fit_head(x, y, ["hard", "soft", "hard"], c=1.0, priors=[0.0, 0.5, -3.0])
+    xt, yt = data(200)
+    pred = xt @ weight.T + bias
+    assert auroc(pred[:, 0], yt[:, 0]) > 0.95
+    keep = ~np.isnan(yt[:, 1])
+    assert np.mean((pred[keep, 1] - yt[keep, 1]) ** 2) < 0.1 * np.var(yt[keep, 1])
+    assert not weight[2].any() and bias[2] == -3.0
+
+
+def test_separator_embedding_is_the_same_in_every_build(tiny_model_dir):
+    """A probe fitted on one build's features must meet the same features in the workers'
+    builds: the added SEP row is the mean embedding, not a random draw."""
+    a, _ = build_prm(tiny_model_dir, ["acc"], {"acc": "soft"})
+    b, _ = build_prm(tiny_model_dir, ["acc"], {"acc": "soft"})
+    ea, eb = a.backbone.get_input_embeddings().weight, b.backbone.get_input_embeddings().weight
+    assert torch.equal(ea[a.sep_id], eb[b.sep_id])
+    assert torch.allclose(ea[a.sep_id], ea[: a.sep_id].mean(0))

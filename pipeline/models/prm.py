@@ -12,6 +12,7 @@ order, their label kinds, the separator).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -156,11 +157,11 @@ class VectorPRM(nn.Module):
 
 
 def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str], separator: str = DEFAULT_SEPARATOR,
-              dtype: torch.dtype = torch.float32, priors: list[float] | None = None) -> tuple[VectorPRM, object]:
+              dtype: torch.dtype = torch.float32, head: dict | None = None) -> tuple[VectorPRM, object]:
     """A fresh vectorized PRM on a causal LM's backbone (its LM head is not used).
-    `priors` (one per objective: the mean soft label, the logit of the hard labels' positive
-    rate) start the head at predicting them: zero weights, the prior as bias. Training then
-    starts from the trivial baseline instead of random outputs of the hidden states' scale."""
+    `head` ({"bias": [n_obj], "weight": [n_obj][hidden] or absent for zeros}) sets the value
+    head's start: the trivial baseline (zero weights, the label prior as bias) or a linear probe
+    (pipeline.train.prm_probe); without it the head is random (std 0.02)."""
     from transformers import AutoModel
 
     from pipeline.models.checkpoint import check_safetensors, load_tokenizer
@@ -168,15 +169,27 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
     tok = load_tokenizer(str(check_safetensors(model_dir)))
     sep_id = add_separator(tok, separator)
     backbone = AutoModel.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-    if backbone.get_input_embeddings().weight.shape[0] < len(tok):
-        backbone.resize_token_embeddings(len(tok))
+    old = backbone.config.vocab_size  # not weight.shape: under ZeRO-3 the weight is a partition
+    if old < len(tok):
+        # the new SEP row is the mean embedding, the same in every process: a head fitted on
+        # features from one build (the probe) must see the same features in the workers' builds
+        backbone.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb = backbone.get_input_embeddings().weight
+        gather = contextlib.nullcontext()
+        if hasattr(emb, "ds_id"):  # partitioned by zero.Init
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([emb], modifier_rank=0)
+        with gather, torch.no_grad():
+            emb[old:] = emb[:old].mean(0)
     if unknown := set(label_kinds.values()) - {"soft", "hard", "outcome"}:
         raise ValueError(f"unknown label kinds {unknown}; use soft, hard or outcome")
     prm = VectorPRM(backbone, objectives, label_kinds, separator, sep_id)
-    if priors is not None:
+    if head is not None:
+        w = prm.head.weight
         with torch.no_grad():
-            prm.head.weight.zero_()
-            prm.head.bias.copy_(torch.tensor(priors, dtype=prm.head.bias.dtype))
+            w.copy_(torch.tensor(head["weight"], dtype=w.dtype) if head.get("weight") is not None else torch.zeros_like(w))
+            prm.head.bias.copy_(torch.tensor(head["bias"], dtype=prm.head.bias.dtype))
     return prm, tok
 
 

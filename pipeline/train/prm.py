@@ -14,6 +14,7 @@ import logging
 import hashlib
 import json
 import math
+import random
 
 import numpy as np
 import pyarrow as pa
@@ -114,8 +115,8 @@ def export_prm(module: VectorPRM, state_dict: dict, out_dir: str, tokenizer_dir:
     module.save(out_dir, tokenizer=tok, state_dict=state_dict)
 
 
-def _build(model_dir, objectives, kinds, separator, priors=None):
-    return build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator, priors=priors)[0]
+def _build(model_dir, objectives, kinds, separator, head=None):
+    return build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator, head=head)[0]
 
 
 def label_priors(examples: list[dict], kinds: list[str]) -> list[float]:
@@ -135,15 +136,15 @@ def label_priors(examples: list[dict], kinds: list[str]) -> list[float]:
 
 
 def build_spec(model_dir: str, objectives: list[str], kinds: list[str], weights: list[float] | None = None,
-               separator: str = DEFAULT_SEPARATOR, priors: list[float] | None = None) -> TrainSpec:
+               separator: str = DEFAULT_SEPARATOR, head: dict | None = None) -> TrainSpec:
     tok, _ = _tokenizer(model_dir, separator)
     return TrainSpec(
-        build_model=functools.partial(_build, model_dir, objectives, kinds, separator, priors),
+        build_model=functools.partial(_build, model_dir, objectives, kinds, separator, head),
         collate=PRMCollate(tok.pad_token_id, len(objectives)),
         loss=functools.partial(prm_loss, objectives=objectives, kinds=kinds, weights=weights or [1.0] * len(objectives)),
         export=functools.partial(export_prm, tokenizer_dir=model_dir),
         params={"model": model_dir, "objectives": objectives, "kinds": kinds},
-        fresh_params=("head.",),  # VectorPRM.head: one output per objective, initialised at random
+        fresh_params=("head.",),  # VectorPRM.head: one output per objective, not pretrained
     )
 
 
@@ -225,9 +226,33 @@ def run_fit_prm(cfg) -> FitResult:
         datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(evals)).map_batches(
             tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
     weights = [cfg.loss_weights.get(o, 1.0) for o in objectives]
-    priors = label_priors(train, kinds) if cfg.prior_init else None
-    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, priors)
+    head = initial_head(cfg, model_dir, objectives, kinds, train, evals)
+    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, head)
     spec.evaluate = functools.partial(prm_evaluate, objectives=objectives, kinds=kinds, collate=spec.collate)
     out = cfg.output_dir
-    return fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train), log_dir=f"{out}/logs",
-               export_dir=f"{out}/model")
+    result = fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train), log_dir=f"{out}/logs",
+                 export_dir=f"{out}/model")
+    if head and head.get("metrics"):  # the probe alone, beside what fine-tuning made of it
+        result.metrics.update(head["metrics"])
+    return result
+
+
+def initial_head(cfg, model_dir: str, objectives: list[str], kinds: list[str], train: list[dict],
+                 evals: list[dict]) -> dict | None:
+    """The value head's start (cfg.head_init): None (random), the label priors, or a linear probe
+    fitted in a Ray task with one training worker's resources (a GPU where training has them)."""
+    if cfg.head_init == "random":
+        return None
+    priors = label_priors(train, kinds)
+    if cfg.head_init == "prior":
+        return {"bias": priors}
+    import ray
+
+    from pipeline.train.prm_probe import probe_head
+
+    t = cfg.train
+    cpus = (t.resources_per_worker or {}).get("CPU", 1) * (1 if t.use_gpu else t.num_workers)  # workers not started yet
+    task = ray.remote(num_cpus=cpus, num_gpus=1 if t.use_gpu else 0)(probe_head)
+    sample = train if len(train) <= cfg.probe_examples else random.Random(t.seed).sample(train, cfg.probe_examples)
+    return ray.get(task.remote(model_dir, objectives, kinds, cfg.separator, priors, sample, evals, cfg.max_length,
+                               cfg.probe_c, t.bf16, t.use_gpu))
