@@ -276,3 +276,19 @@ def test_separator_embedding_is_the_same_in_every_build(tiny_model_dir):
     ea, eb = a.backbone.get_input_embeddings().weight, b.backbone.get_input_embeddings().weight
     assert torch.equal(ea[a.sep_id], eb[b.sep_id])
     assert torch.allclose(ea[a.sep_id], ea[: a.sep_id].mean(0))
+
+
+def test_probe_features_are_the_heads_inputs(tiny_model_dir):
+    """The probe reads, in padded batches, the same hidden states the head reads at each SEP
+    (checked through the head: features x weight + bias == score()), labels in step order."""
+    from pipeline.train.prm_probe import step_features
+
+    model, tok = build_prm(tiny_model_dir, ["a", "b"], {"a": "soft", "b": "hard"})
+    model.eval()
+    ex = [{"prompt": [{"role": "user", "content": f"Q{i}?" * (i + 1)}], "completions": ["one two", "three"][: 1 + i % 2],
+           "labels": [[0.25 * i, None], [None, 1.0]][: 1 + i % 2]} for i in range(5)]
+    x, y = step_features(model, tok, ex, 256, batch_size=3)  # batches of different lengths
+    ref = torch.cat([model.score(tok, e["prompt"], e["completions"]) for e in ex])
+    assert torch.allclose(torch.tensor(x, dtype=torch.float32) @ model.head.weight.T + model.head.bias, ref, atol=1e-4)
+    assert y[:, 0][~torch.isnan(torch.tensor(y[:, 0])).numpy()].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert y[:, 1][~torch.isnan(torch.tensor(y[:, 1])).numpy()].tolist() == [1.0, 1.0]

@@ -31,26 +31,21 @@ def step_features(model, tok, examples: list[dict], max_length: int, batch_size:
     from tqdm import tqdm
 
     from pipeline.models.prm import encode_steps
+    from pipeline.train.prm import PRMCollate
 
     dev = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    collate = PRMCollate(tok.pad_token_id if tok.pad_token_id is not None else 0, len(model.objectives))
     feats, labels = [], []
     for i in tqdm(range(0, len(examples), batch_size), desc="probe features", mininterval=10):
         encs = [encode_steps(tok, e["prompt"], e["completions"], model.sep_id, max_length, e["labels"])
                 for e in examples[i: i + batch_size]]
-        width = max(len(e["input_ids"]) for e in encs)
-        ids = torch.full((len(encs), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for r, e in enumerate(encs):  # right padding: positions stay where encode_steps put them
-            ids[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            att[r, : len(e["input_ids"])] = 1
-        h = model.backbone(input_ids=ids.to(dev), attention_mask=att.to(dev)).last_hidden_state
-        for r, e in enumerate(encs):
-            if e["positions"]:
-                feats.append(h[r, e["positions"]].float().cpu().numpy())
-                labels.append(np.asarray(e["labels"], dtype=np.float64))
-    if not feats:
-        return np.zeros((0, model.head.in_features)), np.zeros((0, len(model.objectives)))
+        b = collate({"input_ids": [e["input_ids"] for e in encs], "positions": [e["positions"] for e in encs],
+                     "labels": [np.ravel(e["labels"]) for e in encs], "prompt_hash": np.zeros(len(encs))})
+        h = model.backbone(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).last_hidden_state
+        at_sep = h.gather(1, b["positions"].to(dev).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        mask = b["step_mask"] > 0
+        feats.append(at_sep.float().cpu()[mask].numpy())
+        labels.append(b["labels"][mask].numpy().astype(np.float64))
     return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
 
 
@@ -111,4 +106,4 @@ def probe_head(model_dir: str, objectives: list[str], kinds: list[str], separato
                     metrics[f"probe/{name}/{k}"] = float(v)
     log.info("fit_prm: linear probe on %d steps of %d examples; held-out: %s", len(x), len(train),
              {k: round(v, 3) for k, v in metrics.items() if k.endswith("auroc")})
-    return {"weight": weight.tolist(), "bias": bias.tolist(), "metrics": metrics, "steps": len(x)}
+    return {"weight": weight.tolist(), "bias": bias.tolist(), "metrics": metrics}
