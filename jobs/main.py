@@ -5,7 +5,7 @@
 
 Stages: base_model (SmolLM2-135M-Instruct from its PyPI package), tasks (built-in
 problems and demonstrations), sft, rollout, label_steps (+ math demonstration
-trajectories), fit_prm, build_pairs, fit_policy (MAH-DPO, single-head DPO, DPO soup),
+trajectories), fit_prm, build_pairs, fit_policy (MAH-DPO, single-head DPO, DPO soup, MODPO),
 eval (base, SFT, baselines, MAH-DPO along a weight sweep, PRM-guided decoding),
 serve (one prompt, two weight vectors, through the endpoint). Each finished stage
 leaves a marker in <run_dir>/stages/, so running the job again resumes after the
@@ -134,14 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
         from pipeline.train.mahdpo import run_fit_policy
 
         out = run / f"policy_{method}"
+        # MODPO fits one weight vector: equal weights, the point the findings compare MAH-DPO at
+        weights = {o: 1.0 for o in pairs["per_objective"]} if method == "modpo" else {}
         res = run_fit_policy(PolicyJobConfig(
             run_name=f"policy-{method}", output_dir=str(out), model=ModelConfig(name_or_path=sft_dir),
-            data=DataConfig(paths=[str(run / "pairs")], eval_fraction=0.1), method=method, dpo=cfg.dpo,
-            train=cfg.policy_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
+            data=DataConfig(paths=[str(run / "pairs")], eval_fraction=0.1), method=method, modpo_weights=weights,
+            dpo=cfg.dpo, train=cfg.policy_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
         return {name: {"model_dir": r.export_dir, "steps": r.step,
                        "metrics": {k: v for k, v in r.metrics.items() if k.startswith("eval/")}} for name, r in res.items()}
 
-    policies = {m: stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m)) for m in ("mahdpo", "single", "soup")}
+    policies = {m: stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m)) for m in ("mahdpo", "single", "soup", "modpo")}
 
     def eval_stage() -> dict:
         from pipeline.eval.job import run_eval
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                 {"name": "sft", "kind": "hf", "path": sft_dir},
                 {"name": "single-head DPO", "kind": "multihead", "path": policies["single"]["single"]["model_dir"]},
                 {"name": "DPO soup", "kind": "soup", "paths": soup, "sweep": sz.sweep_soup},
+                {"name": "MODPO", "kind": "multihead", "path": policies["modpo"]["modpo"]["model_dir"]},
                 {"name": "MAH-DPO", "kind": "multihead", "path": policies["mahdpo"]["mahdpo"]["model_dir"],
                  "sweep": True}]))
         return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"]}

@@ -272,13 +272,33 @@ class PolicyJobConfig(Strict):
     objectives: list[str] = Field(default_factory=list)  # head order; empty: sorted names in the data
     # mahdpo: one head per objective, balanced batches. single: one head, DPO on the pooled pairs.
     # soup: one single-head DPO model per objective (merged by weight averaging at use).
-    method: Literal["mahdpo", "single", "soup"] = "mahdpo"
+    # modpo: one head, MODPO on the pooled pairs for the weight vector `modpo_weights` (each pair's
+    # other-objective scores, written by jobs.build_pairs, give its margin).
+    method: Literal["mahdpo", "single", "soup", "modpo"] = "mahdpo"
+    modpo_weights: dict[str, float] = Field(default_factory=dict)  # objective -> weight (normalised)
     # soup: train the members side by side in one run (one start-up, but every member's weights and
     # optimizer states in memory at once) instead of one run after another.
     soup_together: bool = False
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)  # micro_batch_size: pairs per objective (mahdpo)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _modpo(self):
+        if self.method == "modpo":
+            if not self.modpo_weights:
+                raise ValueError("method modpo needs modpo_weights ({objective: weight})")
+            bad = {o: w for o, w in self.modpo_weights.items() if not (w >= 0 and w != float("inf"))}
+            if bad or not sum(self.modpo_weights.values()) > 0:
+                raise ValueError(f"modpo_weights must be finite, non-negative and not all zero, got {self.modpo_weights}")
+            unknown = sorted(set(self.modpo_weights) - set(self.objectives)) if self.objectives else []
+            if unknown:
+                raise ValueError(f"modpo_weights names objective(s) {unknown} not in objectives {self.objectives}")
+            if self.dpo.loss_type != "sigmoid":
+                raise ValueError("method modpo is a sigmoid (Bradley-Terry) loss: set dpo.loss_type: sigmoid")
+        elif self.modpo_weights:
+            raise ValueError(f"modpo_weights is only used by method modpo (method is {self.method!r})")
+        return self
 
 
 class PairsJobConfig(Strict):

@@ -66,3 +66,17 @@ def test_job_cli_exits_before_work(tmp_path, capsys):
                                       ("rollout.yaml", RolloutJobConfig), ("label_steps.yaml", LabelJobConfig)])
 def test_shipped_configs_validate(name, cls):
     load_config(cls, CONFIGS / name)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--method", "modpo"], "needs modpo_weights"),
+    (["--method", "modpo", "--modpo_weights", "{a: 0, b: 0}"], "not all zero"),
+    (["--method", "modpo", "--modpo_weights", "{a: 1}", "--dpo.loss_type", "ipo"], "loss_type: sigmoid"),
+    (["--method", "modpo", "--modpo_weights", "{c: 1}", "--objectives", "[a, b]"], r"\['c'\] not in objectives"),
+    (["--modpo_weights", "{a: 1}"], "only used by method modpo"),
+])
+def test_modpo_settings_are_checked(overrides, message):
+    from pipeline.config import PolicyJobConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(PolicyJobConfig, None, overrides)

@@ -176,6 +176,8 @@ def test_ultrafeedback_and_math_converters(tmp_path):
     pairs, skipped = ultrafeedback_pairs(rows, ["helpfulness", "truthfulness"])
     assert [(p["objective"], p["chosen"], p["rejected"]) for p in pairs] == [("helpfulness", "7", "9"),]
     assert skipped == {"too_few_rated": 0, "margin": 3}  # truthfulness 5 vs 5, and both aspects of "Say hi."
+    # MODPO's margins: both responses' ratings on every aspect rated for both ("9" has no truthfulness rating)
+    assert pairs[0]["scores"] == [{"objective": "helpfulness", "chosen": 5, "rejected": 2}]
     with pytest.raises(RecordError, match="row 0: field 'completions.annotations.honesty'"):
         ultrafeedback_pairs(rows, ["honesty"])
     assert boxed_answer("so $x = \\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"

@@ -97,3 +97,43 @@ def test_continuing_cache_matches_reencoding_token_for_token(tiny_model_dir):
                                 temperature=temperature, reencode=True, **kw)
         assert cont.token_ids == again.token_ids and len(cont.token_ids) > 10
         assert cont.policy_forward_tokens < again.policy_forward_tokens  # the cache saved the re-encoding
+
+
+def test_candidates_on_a_shared_prefix_compute_what_each_would_alone(tiny_model_dir):
+    """Tree attention: three candidates fed interleaved onto one batch-1 cache (the prefix held once)
+    get the logits that each gets on its own prefix + tokens; keep() leaves exactly the winner's cache."""
+    from transformers import DynamicCache
+
+    from pipeline.decoding.guided import SharedPrefix
+
+    policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["a"]).eval()
+    run = lambda ids, **kw: policy(torch.tensor([ids]), head_ids=0, **kw).logits[0]  # noqa: E731
+    prefix, cands = [5, 9, 17, 3, 40], [[7, 8, 9], [11], [12, 13]]
+    with torch.no_grad():
+        cache = DynamicCache()
+        run(prefix, past_key_values=cache, use_cache=True)
+        tree, got = SharedPrefix(cache), {i: [] for i in range(3)}
+        # first step: every candidate's first token at once; then candidates 0 and 2 two tokens in one forward
+        for owners, ids in (([0, 1, 2], [7, 11, 12]), ([0, 0, 2], [8, 9, 13])):
+            pos, mask = tree.append(owners, dtype=policy.heads.dtype)
+            out = run(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            for o, row in zip(owners, out):
+                got[o].append(row)
+        assert cache.layers[0].keys.shape[0] == 1 and cache.get_seq_length() == len(prefix) + 6
+        for i, toks in enumerate(cands):
+            alone = run(prefix + toks)[len(prefix):]
+            assert torch.allclose(torch.stack(got[i]), alone, atol=1e-4), i
+        tree.keep(2)
+        assert cache.get_seq_length() == len(prefix) + 2
+        nxt = run([21], position_ids=torch.tensor([[len(prefix) + 2]]), past_key_values=cache, use_cache=True)
+        assert torch.allclose(nxt[-1], run(prefix + cands[2] + [21])[-1], atol=1e-4)
+
+
+def test_guided_decoding_refuses_an_attention_without_4d_masks(tiny_model_dir):
+    import pytest
+
+    policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["a"]).eval()
+    policy.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2.*'sdpa'"):
+        guided_generate(policy, load_tokenizer(tiny_model_dir), PreferLongest(), None,
+                        [{"role": "user", "content": "Hi."}], weights=[1.0], prm_weights=[1.0])

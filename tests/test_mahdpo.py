@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.models.multihead import IncompleteCheckpointError, MultiHeadPolicy, load_checked, validate_weights
-from pipeline.train.dpo_losses import dpo_loss, per_head_loss, sequence_logps
+from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss, sequence_logps
 
 
 def test_dpo_losses_against_hand_computed_values():
@@ -21,6 +21,9 @@ def test_dpo_losses_against_hand_computed_values():
     assert ls.item() == pytest.approx(0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)), abs=1e-6)
     ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
     assert ipo.item() == pytest.approx((h - 5) ** 2, abs=1e-5)
+    # MODPO: w_k = 0.5, the other objectives' weighted margin 0.2: -log sigma((0.1 * 1.5 - 0.2) / 0.5)
+    mo, _, _ = modpo_loss(pc, pr, rc, rr, beta=0.1, scale=torch.tensor([0.5]), margin=torch.tensor([0.2]))
+    assert mo.item() == pytest.approx(math.log(1 + math.exp(0.1)), abs=1e-6)
     # per-head weighting: mean within a head, weighted mean over the heads present
     total, _ = per_head_loss(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([0, 0, 2]), [1.0, 5.0, 3.0])
     assert total.item() == pytest.approx((1 * 2 + 3 * 10) / 4)
@@ -207,6 +210,24 @@ def test_plan_runs_single_pools_the_same_pairs_and_soup_splits_them():
     assert [[r["id"] for g in gs for r in g] for _, _, gs, _, _ in apart] == [[g[0]["id"] for g in groups],
                                                                               [g[1]["id"] for g in groups]]
     assert [[r["id"] for r in ev] for *_, ev in apart] == [["ha"], ["hb"]]
+    # modpo: one head on the pooled pairs of the weighted objectives only (its loss divides by w_k)
+    (_, heads_m, groups_m, head_of_m, held_m), = plan_runs("modpo", ["a", "b"], by_obj, held, 0,
+                                                           modpo_weights={"a": 1.0, "b": 0.0})
+    assert heads_m == ["modpo"] and head_of_m == {"a": 0, "b": 0} and [r["id"] for r in held_m] == ["ha"]
+    assert sorted(r["id"] for g in groups_m for r in g) == sorted(r["id"] for r in by_obj["a"])
+
+
+def test_modpo_margins_come_from_the_other_objectives_scores():
+    from pipeline.train.mahdpo import modpo_terms
+
+    rows = [{"id": "p1", "objective": "acc", "scores": [{"objective": "acc", "chosen": 0.9, "rejected": 0.1},
+                                                         {"objective": "eng", "chosen": 0.2, "rejected": 0.6}]},
+            {"id": "p2", "objective": "conc", "scores": [{"objective": "conc", "chosen": 1.0, "rejected": 0.0}]}]
+    modpo_terms(rows, {"acc": 0.5, "eng": 0.3, "conc": 0.2})
+    assert rows[0]["modpo_scale"] == 0.5 and rows[0]["modpo_margin"] == pytest.approx(0.3 * (0.2 - 0.6))
+    assert rows[1]["modpo_scale"] == 0.2 and rows[1]["modpo_margin"] == 0.0  # not scored on acc / eng: no margin
+    with pytest.raises(ValueError, match="'p3'.*no 'scores'.*build_pairs"):
+        modpo_terms([{"id": "p3", "objective": "acc", "scores": None}], {"acc": 1.0})
 
 
 def test_pair_agreement_checks_the_prms_pairs_against_the_judges():
@@ -282,6 +303,12 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
     assert all(len(r["chosen"]) < len(r["rejected"]) for r in conc)  # the judge prefers the short one
     assert all(r["ref_chosen_logp"] < 0 and r["ref_rejected_logp"] < 0 for r in rows)
     assert json.loads((tmp_path / "pairs" / "_ref_logps.json").read_text())["max_length"] == 256
+    # every pair carries both responses' scores on every objective of its task (MODPO's margins)
+    for r in rows:
+        sc = {s["objective"]: s for s in r["scores"]}
+        assert set(sc) == {"concision", "thoroughness"}
+        assert sc[r["objective"]]["chosen"] == pytest.approx(r["chosen_score"])
+        assert sc[r["objective"]]["rejected"] == pytest.approx(r["rejected_score"])
 
     common = ["--model.name_or_path", tiny_model_dir, "--data.paths", f"[{tmp_path / 'pairs'}]",
               "--dpo.max_length", "256", "--dpo.max_prompt_length", "64", "--train.storage_path", str(tmp_path / "ray"),
@@ -313,3 +340,13 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
     with pytest.raises(ValueError, match="cached reference log-probs"):
         check_ref_meta([str(tmp_path / "pairs")], tiny_model_dir, DPOConfig(max_length=128, max_prompt_length=64))
     load_tokenizer(tmp_path / "policy" / "model")
+    # MODPO baseline from the same shards: one head for the weight vector, the margins from the scores
+    modpo = common + ["--output_dir", str(tmp_path / "modpo"), "--method", "modpo",
+                      "--modpo_weights", "{concision: 0.7, thoroughness: 0.3}", "--train.num_workers", "1",
+                      "--train.micro_batch_size", "2", "--train.max_steps", "2"]
+    with pytest.raises(Exception, match="a checkpoint of another run under run_name 'policy'.*'method'"):
+        fit_policy(modpo)  # the MAH-DPO run's name: its checkpoint is not resumed into another model
+    fit_policy(modpo + ["--run_name", "modpo"])
+    modpo_logged = read_metrics(str(tmp_path / "modpo" / "logs"))
+    assert {"concision/loss", "thoroughness/loss"} <= set(modpo_logged[-1])
+    assert MultiHeadPolicy.load(tmp_path / "modpo" / "model").objectives == ["modpo"]

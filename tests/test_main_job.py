@@ -16,11 +16,12 @@ def test_main_job_quick_profile_end_to_end_and_resume(tmp_path, ray_session):
     run = tmp_path / "run"
     stages = sorted(p.stem for p in (run / "stages").glob("*.json"))
     assert stages == sorted(["base_model", "tasks", "sft", "rollout", "label_steps", "fit_prm", "build_pairs",
-                             "fit_policy_mahdpo", "fit_policy_single", "fit_policy_soup", "eval", "serve"])
+                             "fit_policy_mahdpo", "fit_policy_single", "fit_policy_soup", "fit_policy_modpo", "eval",
+                             "serve"])
     report = (run / "report.md").read_text()
     for needle in ("Time per stage", "The paper's findings in miniature", "**F1**", "**F4**", "Serve check",
                    "pareto_math_word.png", "| objective | steps | AUROC (+- SE) |", "task's own verifier / judge",
-                   "Why, from this run's data", "- Floor: the SFT policy scores 0 on"):
+                   "Why, from this run's data", "- Floor: the SFT policy scores 0 on", "MODPO"):
         assert needle in report, needle
     assert (run / "pareto_math_word.png").exists() and (run / "eval" / "scores.parquet").exists()
     policies = {r["policy"] for r in out["eval"]["rows"]}

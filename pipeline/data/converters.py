@@ -48,7 +48,7 @@ def ultrafeedback_pairs(rows: list[dict], aspects: list[str], min_margin: float 
         if not isinstance(comps, list):
             raise RecordError(source, i, "completions", "must be a list")
         for aspect in aspects:
-            rated = [(s, c["response"]) for c in comps if (s := _rating(c, aspect, source, i)) is not None]
+            rated = [(s, c["response"], c) for c in comps if (s := _rating(c, aspect, source, i)) is not None]
             if len(rated) < 2:
                 skipped["too_few_rated"] += 1
                 continue
@@ -58,7 +58,11 @@ def ultrafeedback_pairs(rows: list[dict], aspects: list[str], min_margin: float 
                 continue
             out.append({"id": f"{r.get('source', 'uf')}-{i}-{aspect}", "prompt": [{"role": "user", "content": r["instruction"]}],
                         "chosen": hi[1], "rejected": lo[1], "objective": aspect, "chosen_score": hi[0],
-                        "rejected_score": lo[0], "ref_chosen_logp": None, "ref_rejected_logp": None})
+                        "rejected_score": lo[0], "ref_chosen_logp": None, "ref_rejected_logp": None,
+                        # both responses' ratings on every aspect rated for both (MODPO's margins)
+                        "scores": [{"objective": a, "chosen": sc, "rejected": sr} for a in aspects
+                                   if (sc := _rating(hi[2], a, source, i)) is not None
+                                   and (sr := _rating(lo[2], a, source, i)) is not None]})
     return out, skipped
 
 

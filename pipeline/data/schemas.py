@@ -86,6 +86,13 @@ class StepwiseRow(_Row):
         return self
 
 
+class ObjectiveScores(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    objective: str = Field(min_length=1)
+    chosen: float = Field(allow_inf_nan=False)
+    rejected: float = Field(allow_inf_nan=False)
+
+
 class PreferenceRow(_Row):
     id: str = Field(min_length=1)
     prompt: list[Message] = Field(min_length=1)
@@ -94,6 +101,8 @@ class PreferenceRow(_Row):
     objective: str = Field(min_length=1)
     chosen_score: float | None = None
     rejected_score: float | None = None
+    # every objective the pair's responses were scored on (jobs.build_pairs): MODPO's margins
+    scores: list[ObjectiveScores] | None = None
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
 
@@ -154,6 +163,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("objective", pa.string(), nullable=False),
             pa.field("chosen_score", pa.float32()),
             pa.field("rejected_score", pa.float32()),
+            pa.field("scores", pa.list_(pa.struct([("objective", pa.string()), ("chosen", pa.float32()),
+                                                   ("rejected", pa.float32())]))),
             # Sequence log-probs are sums over hundreds of tokens: keep float64.
             pa.field("ref_chosen_logp", pa.float64()),
             pa.field("ref_rejected_logp", pa.float64()),

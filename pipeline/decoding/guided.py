@@ -1,12 +1,21 @@
 """PRM-guided decoding with a continuing KV cache (the paper's algorithm, made runnable).
 
-At each step boundary: K candidate steps are sampled from a copy of the running
-cache (batched, one row per candidate); the vectorized PRM scores every candidate
-as the next step; rewards are combined with the request's weights; the winner is
-kept together with its cache rows (cropped to its own length), so the policy never
-re-encodes the text. The PRM keeps a running cache of its own (prompt + accepted
-steps, each closed by its separator), so it too encodes only the K candidates'
-tokens. The mix of heads is merged once per request: one projection per token.
+At each step boundary: K candidate steps are sampled on top of the running cache;
+the vectorized PRM scores every candidate as the next step; rewards are combined
+with the request's weights; the winner's tokens are kept in the cache, so the
+policy never re-encodes the text. The PRM keeps a running cache of its own (prompt
++ accepted steps, each closed by its separator), so it too encodes only the K
+candidates' tokens. The mix of heads is merged once per request: one projection
+per token.
+
+The K candidates share the prefix instead of copying it K times (`SharedPrefix`):
+their tokens are appended to the one batch-1 cache and a 4D attention mask lets each
+token see the prefix and its own candidate's earlier tokens only (tree attention,
+as speculative decoding verifies draft trees). Each decoding step reads the prefix's
+keys once, feeds only the candidates still running, and holds prefix + K x step in
+memory rather than K x (prefix + step); the losers' tokens are dropped afterwards.
+It needs an attention that takes a 4D mask (`sdpa`, transformers' default, or
+`eager`) and a full-attention cache.
 Boundaries per domain: `blank_lines` (math), `sentences`
 (prose), `turn` (the whole turn: turn-level best-of-K, as the paper does for
 tutoring dialogues). Limits: `max_steps`, `max_step_tokens`, `max_new_tokens`.
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from pipeline.decoding.mixing import eos_ids, sample
 
@@ -83,23 +93,25 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
 
     prm_cache = None
     if not reencode:
+        _check_tree_attention(policy.config)
         cache, last_logits = prefill(prompt_ids)
-        prm_cache = PRMPrefix(prm, prm_tokenizer, prompt) if isinstance(getattr(prm, "backbone", None), torch.nn.Module) else None
+        if isinstance(getattr(prm, "backbone", None), torch.nn.Module):
+            _check_tree_attention(prm.backbone.config)
+            prm_cache = PRMPrefix(prm, prm_tokenizer, prompt)
     k = candidates
     while len(res.steps) < max_steps and len(res.token_ids) < max_new_tokens and not res.finished:
         if reencode:  # the baseline: the whole prefix encoded again, once per candidate
             cand, logits = prefill(prompt_ids + res.token_ids, rows=k)
             base_len = cand.get_seq_length()
-        else:
-            base_len = cache.get_seq_length()
-            cand = _repeat_cache(cache, k)  # a copy of the running cache, one row per candidate
+        else:  # the candidates grow on the running cache itself, sharing its prefix
+            tree = SharedPrefix(cache)
             logits = last_logits.repeat(k, 1)
         toks: list[list[int]] = [[] for _ in range(k)]
         done = [False] * k
         end_logits: list[torch.Tensor | None] = [None] * k
         budget = min(max_step_tokens, max_new_tokens - len(res.token_ids))
         for t in range(budget):
-            nxt = sample(logits, temperature, top_p, gen)
+            nxt = sample(logits, temperature, top_p, gen)  # all K rows every time: the same draws in both modes
             newly = []
             for i in range(k):
                 if done[i]:
@@ -108,13 +120,24 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
                 if int(nxt[i]) in eos or _at_boundary(tokenizer.decode(toks[i]), boundary) or t + 1 == budget:
                     done[i] = True
                     newly.append(i)
-            if all(done) and all(toks[i][-1] in eos for i in newly):
-                break  # nothing to feed: every newly finished candidate ended with end-of-sequence
-            feed = torch.tensor([[toks[i][-1] if toks[i] else 0] for i in range(k)], device=dev)
-            pos = torch.tensor([[base_len + min(t, len(toks[i]) - 1)] for i in range(k)], device=dev)
-            out = run(feed, past_key_values=cand, use_cache=True, position_ids=pos)
-            res.policy_forward_tokens += k
-            logits = out.logits[:, -1].float().cpu()
+            # fed: every candidate still running and each newly finished one's last token (its cache and the
+            # next step's first logits), unless that token is the end of sequence
+            feed = [i for i in range(k) if not done[i] or (i in newly and toks[i][-1] not in eos)]
+            if not feed:
+                break
+            if reencode:  # every row, finished or not: the K-row batch of model.generate
+                ids = torch.tensor([[toks[i][-1]] for i in range(k)], device=dev)
+                pos = torch.tensor([[base_len + min(t, len(toks[i]) - 1)] for i in range(k)], device=dev)
+                out = run(ids, past_key_values=cand, use_cache=True, position_ids=pos)
+                res.policy_forward_tokens += k
+                logits = out.logits[:, -1].float().cpu()
+            else:
+                pos, mask = tree.append(feed, dtype=policy.heads.dtype)
+                out = run(torch.tensor([[toks[i][-1] for i in feed]], device=dev), attention_mask=mask,
+                          past_key_values=cache, use_cache=True, position_ids=pos)
+                res.policy_forward_tokens += len(feed)
+                logits = logits.clone()
+                logits[feed] = out.logits[0].float().cpu()
             for i in newly:
                 end_logits[i] = logits[i]
             if all(done):
@@ -133,18 +156,15 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
             res.finished = True
             break
         if not reencode:
-            cand.batch_select_indices(torch.tensor([best]))
-            excess = cand.get_seq_length() - (base_len + len(toks[best]))
-            if excess > 0:  # drop what was fed after the winner had finished
-                cand.crop(-excess)
-            cache, last_logits = cand, end_logits[best].unsqueeze(0)
+            tree.keep(best)  # the prefix + the winner's tokens, each fed exactly once
+            last_logits = end_logits[best].unsqueeze(0)
     return res
 
 
 class PRMPrefix:
     """The PRM's running KV cache: the prompt and the accepted steps, each followed by its separator,
-    tokenized piece by piece exactly as `encode_steps` does. Candidates are scored by encoding only
-    their own tokens (+ separator) on a K-row copy; the winner's rows become the new prefix."""
+    tokenized piece by piece exactly as `encode_steps` does. Candidates are scored in one forward
+    of their own tokens (+ separator) on the shared prefix; `accept` keeps the winner's."""
 
     @torch.no_grad()
     def __init__(self, prm, tokenizer, prompt: list[dict]):
@@ -154,36 +174,67 @@ class PRMPrefix:
         ids = tokenizer(head, add_special_tokens=False)["input_ids"]
         self.cache = DynamicCache()
         prm.backbone(input_ids=torch.tensor([ids], device=self.dev), past_key_values=self.cache, use_cache=True)
-        self.length, self._cand, self._pieces = len(ids), None, None
+        self._tree = None
 
     @torch.no_grad()
     def score(self, candidates: list[str]) -> torch.Tensor:
-        """[K, n_objectives]: each candidate's reward as the next step (read at its separator)."""
+        """[K, n_objectives]: each candidate's reward as the next step (read at its separator).
+        Call `accept` before scoring the next step's candidates."""
+        if self._tree is not None:
+            raise RuntimeError("PRMPrefix.score called twice without accept()")
         pieces = [self.tok(c, add_special_tokens=False)["input_ids"] + [self.prm.sep_id] for c in candidates]
-        width = max(len(p) for p in pieces)
-        # right padding: a candidate's tokens never attend to the padding after them
-        ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in pieces], device=self.dev)
-        pos = torch.arange(self.length, self.length + width, device=self.dev).expand(len(pieces), -1)
-        cand = _repeat_cache(self.cache, len(pieces))
-        h = self.prm.backbone(input_ids=ids, past_key_values=cand, position_ids=pos, use_cache=True).last_hidden_state
-        last = torch.tensor([len(p) - 1 for p in pieces], device=self.dev)
-        rewards = self.prm.head(h[torch.arange(len(pieces), device=self.dev), last].to(self.prm.head.weight.dtype))
-        self._cand, self._pieces = cand, pieces
-        return rewards.float().cpu()
+        self._tree = SharedPrefix(self.cache)
+        owners = [j for j, p in enumerate(pieces) for _ in p]
+        pos, mask = self._tree.append(owners, dtype=self.prm.head.weight.dtype)
+        ids = torch.tensor([[x for p in pieces for x in p]], device=self.dev)
+        h = self.prm.backbone(input_ids=ids, attention_mask=mask.to(self.dev), past_key_values=self.cache,
+                              position_ids=pos.to(self.dev), use_cache=True).last_hidden_state[0]
+        last = torch.tensor([len(p) for p in pieces]).cumsum(0) - 1
+        return self.prm.head(h[last.to(self.dev)].to(self.prm.head.weight.dtype)).float().cpu()
 
     def accept(self, best: int) -> None:
-        n = len(self._pieces[best])
-        self._cand.batch_select_indices(torch.tensor([best], device=self.dev))
-        excess = self._cand.get_seq_length() - (self.length + n)
-        if excess > 0:
-            self._cand.crop(-excess)
-        self.cache, self.length, self._cand, self._pieces = self._cand, self.length + n, None, None
+        self._tree.keep(best)
+        self._tree = None
 
 
-def _repeat_cache(cache: DynamicCache, k: int) -> DynamicCache:
-    """A copy of a batch-1 cache with k rows (the running cache itself stays untouched)."""
-    import copy
+class SharedPrefix:
+    """K candidates grown on one batch-1 cache: the prefix once, then every candidate's tokens in the
+    order they are fed. `append` gives the position ids and the 4D additive mask under which each new
+    token sees the prefix and its own candidate's earlier tokens (itself included) and nothing else,
+    so each candidate computes what it would alone on prefix + its own tokens. `keep` drops the others."""
 
-    c = copy.deepcopy(cache)
-    c.batch_repeat_interleave(k)
-    return c
+    def __init__(self, cache: DynamicCache):
+        kinds = {type(layer).__name__ for layer in cache.layers} - {DynamicLayer.__name__}
+        if kinds:  # sliding-window or offloaded layers drop or move tokens; the masks assume all are kept
+            raise ValueError(f"guided decoding needs a full-attention cache; this model's has {sorted(kinds)} "
+                             "layers: use reencode=True")
+        self.cache, self.base = cache, cache.get_seq_length()
+        self.owner = torch.empty(0, dtype=torch.long)  # the candidate of each cached token after the prefix
+
+    def append(self, owners: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        new = torch.tensor(owners, dtype=torch.long)
+        same = new[:, None] == new[None, :]
+        causal = torch.ones(len(owners), len(owners), dtype=torch.bool).tril()
+        earlier = self.owner[None, :] == new[:, None]  # this candidate's tokens already in the cache
+        pos = self.base + earlier.sum(1) + (same & causal).sum(1) - 1
+        see = torch.cat([torch.ones(len(owners), self.base, dtype=torch.bool), earlier, same & causal], 1)
+        mask = torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
+        self.owner = torch.cat([self.owner, new])
+        dev = self.cache.layers[0].keys.device
+        return pos.unsqueeze(0).to(dev), mask[None, None].to(dev)
+
+    def keep(self, winner: int) -> None:
+        idx = torch.cat([torch.arange(self.base), self.base + (self.owner == winner).nonzero().squeeze(1)])
+        for layer in self.cache.layers:
+            i = idx.to(layer.keys.device)
+            layer.keys, layer.values = layer.keys.index_select(-2, i), layer.values.index_select(-2, i)
+        self.owner = torch.empty(0, dtype=torch.long)
+        self.base = len(idx)
+
+
+def _check_tree_attention(config) -> None:
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"guided decoding shares the prefix between candidates through a 4D attention mask, "
+                         f"which attn_implementation {impl!r} does not take: load the model with 'sdpa' "
+                         "(the default) or 'eager'")

@@ -85,9 +85,11 @@ def select_pairs(cands: list[dict], scores: dict[str, list[float]], objectives_o
             if hi - lo < min_margin or cands[b]["response"] == cands[w]["response"]:
                 skipped[f"{o}/margin"] += 1
                 continue
+            both = [{"objective": o2, "chosen": scores[o2][b], "rejected": scores[o2][w]}
+                    for o2 in objectives_of_task[task] if scores[o2][b] == scores[o2][b] and scores[o2][w] == scores[o2][w]]
             pairs.append({"id": f"{pid}-{o}", "prompt": json.loads(cands[b]["prompt"]), "chosen": cands[b]["response"],
                           "rejected": cands[w]["response"], "objective": o, "chosen_score": hi, "rejected_score": lo,
-                          "ref_chosen_logp": None, "ref_rejected_logp": None})
+                          "scores": both, "ref_chosen_logp": None, "ref_rejected_logp": None})
     return pairs, dict(skipped)
 
 

@@ -4,6 +4,11 @@
     sigmoid  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = label_smoothing, cDPO)
     ipo      (h - 1 / (2 beta))^2
 Rewards (logged) are beta (log pi - log pi_ref) of chosen and rejected.
+
+MODPO (Zhou et al. 2024), for a weight vector w and a pair of objective k whose responses are
+also scored on the other objectives (r_j, j != k):
+    -log sigma((beta h - sum_{j != k} w_j (r_j(y_w) - r_j(y_l))) / w_k)
+One policy per w; every objective's pairs share the same optimum, pi_ref exp(w . r / beta).
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, lo
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type {loss_type!r}: use one of {LOSS_TYPES}")
+    return loss, beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
+
+
+def modpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, scale: torch.Tensor,
+               margin: torch.Tensor, label_smoothing: float = 0.0):
+    """Per-pair MODPO losses (scale = w_k, margin = the other objectives' weighted score margin)
+    and the (detached) chosen / rejected rewards."""
+    h = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
+    z = (beta * h - margin) / scale
+    loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return loss, beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
 
 

@@ -67,6 +67,12 @@ class FitResult:
     log_dir: str
 
 
+def _identity(spec: TrainSpec) -> dict:
+    """What a checkpoint must match to be resumed: the model and what shapes it (not lr or steps)."""
+    return json.loads(json.dumps({k: spec.params[k] for k in ("model", "method", "heads", "objectives", "kinds")
+                                  if k in spec.params}))
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig, fresh: tuple[str, ...]) -> list[dict]:
     """Optimizer groups: parameters named with a `fresh` prefix train at cfg.fresh_lr (when set)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -203,8 +209,14 @@ def _train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds")
             state = json.loads((Path(d) / "trainer_state.json").read_text())
+            theirs = state.get("identity")
+            if theirs is not None and theirs != _identity(spec):  # not this run's: its weights would not fit
+                diff = {k: (theirs.get(k), v) for k, v in _identity(spec).items() if theirs.get(k) != v}
+                raise RuntimeError(f"{ckpt.path}: a checkpoint of another run under run_name {config['run_name']!r} "
+                                   f"(checkpoint vs this run: {diff}); use another run_name or storage_path, or "
+                                   "remove that run's directory to start over")
+            engine.load_checkpoint(d, tag="ds")
         if rank == 0:
             _say(f"[train] resumed from {ckpt.path} at step {state['step']}")
 
@@ -242,7 +254,8 @@ def _train_loop(config: dict) -> None:
             engine.save_checkpoint(d, tag="ds")
             if rank == 0:
                 Path(d, "trainer_state.json").write_text(
-                    json.dumps({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}))
+                    json.dumps({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                                "identity": _identity(spec)}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint-{step:07d}")
 

@@ -11,9 +11,11 @@ logits. Reference log-probs come from the preference shards (jobs.build_pairs /
 jobs.ref_logps); where a row lacks them, the worker computes them with the SFT
 model, which is the reference policy of every head.
 
-Methods: `mahdpo` (one head per objective), `single` (one head, DPO on the pooled
-pairs, the same truncated pairs), `soup` (one single-head DPO model per objective,
-trained side by side in one run; `merge_soup` averages their weights).
+Methods: `mahdpo` (one head per objective), `single` (one head, DPO on the pooled pairs,
+the same truncated pairs), `soup` (one single-head DPO model per objective; `merge_soup`
+averages their weights), `modpo` (one head, MODPO for one weight vector on the pooled
+pairs of the objectives it weights: each pair's margin comes from its responses' scores
+on the other objectives).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from pipeline.models.multihead import MultiHeadPolicy, load_checked
 from pipeline.models.tokenize import IGNORE, encode_pair
-from pipeline.train.dpo_losses import causal_lm_logps, dpo_loss, per_head_loss
+from pipeline.train.dpo_losses import causal_lm_logps, dpo_loss, modpo_loss, per_head_loss
 from pipeline.train.harness import FitResult, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ def groups_table(groups: list[list[dict]], head_of: dict[str, int], objective_in
         "rejected": pa.array(col(lambda r: r["rejected"]), pa.list_(pa.string())),
         "ref_chosen": pa.array(ref("ref_chosen_logp"), pa.list_(pa.float32())),
         "ref_rejected": pa.array(ref("ref_rejected_logp"), pa.list_(pa.float32())),
+        # MODPO's w_k and margin (NaN: plain DPO)
+        "modpo_scale": pa.array(ref("modpo_scale"), pa.list_(pa.float32())),
+        "modpo_margin": pa.array(ref("modpo_margin"), pa.list_(pa.float32())),
     })
 
 
@@ -82,7 +87,7 @@ def tokenize_groups(batch: pa.Table, model_dir: str, max_length: int, max_prompt
         for k in cols:
             cols[k].append([e[k] for e in enc])
     out = {k: pa.array(v, pa.list_(pa.list_(pa.int32()))) for k, v in cols.items()}
-    for k in ("head", "objective_id", "ref_chosen", "ref_rejected"):
+    for k in ("head", "objective_id", "ref_chosen", "ref_rejected", "modpo_scale", "modpo_margin"):
         out[k] = batch.column(k)
     return pa.table(out)
 
@@ -107,8 +112,9 @@ class PairCollate:
                 "attention_mask": torch.from_numpy(att),
                 "head": torch.tensor(flat("head"), dtype=torch.long),
                 "objective_id": torch.tensor(flat("objective_id"), dtype=torch.long),
-                "ref_chosen": torch.tensor(flat("ref_chosen"), dtype=torch.float32),
-                "ref_rejected": torch.tensor(flat("ref_rejected"), dtype=torch.float32)}
+                # per-pair values, NaN where absent: reference log-probs not cached, plain DPO (not MODPO)
+                **{k: torch.tensor(flat(k) if k in batch else [float("nan")] * (len(seqs) // 2), dtype=torch.float32)
+                   for k in ("ref_chosen", "ref_rejected", "modpo_scale", "modpo_margin")}}
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,7 +141,11 @@ def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float
     if torch.isnan(ref_c).any() or torch.isnan(ref_r).any():
         r = reference_logps(ref_model, ref_dtype, batch)
         ref_c, ref_r = r[:n], r[n:]
-    losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, loss_type, label_smoothing)
+    if torch.isnan(batch["modpo_scale"]).any():
+        losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, loss_type, label_smoothing)
+    else:
+        losses, rc, rr = modpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, batch["modpo_scale"].to(logps.device),
+                                    batch["modpo_margin"].to(logps.device), label_smoothing)
     total, _ = per_head_loss(losses, heads, head_weights)
     metrics = {}
     for j in torch.unique(batch["objective_id"]).tolist():
@@ -239,18 +249,35 @@ def merge_soup(dirs: list[str], weights: list[float], out_dir: str | None = None
     return merged
 
 
+def modpo_terms(rows: list[dict], weights: dict[str, float]) -> None:
+    """Sets each row's MODPO scale w_k and margin sum_{j != k} w_j (r_j(chosen) - r_j(rejected)) from its
+    `scores`. An objective the row was not scored on (another task's) adds no margin."""
+    for r in rows:
+        scores = {s["objective"]: s for s in r.get("scores") or []}
+        if not scores:
+            raise ValueError(f"pair {r['id']!r} (objective {r['objective']}): no 'scores'; MODPO needs each pair's "
+                             "responses scored on the other objectives (jobs.build_pairs writes them)")
+        r["modpo_scale"] = weights.get(r["objective"], 0.0)
+        r["modpo_margin"] = sum(w * (scores[j]["chosen"] - scores[j]["rejected"])
+                                for j, w in weights.items() if j != r["objective"] and j in scores)
+
+
 def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]], held: list[dict], seed: int,
-              soup_together: bool = False):
+              soup_together: bool = False, modpo_weights: dict[str, float] | None = None):
     """[(name, head names, training groups, objective -> head, eval rows)], one per run to fit."""
     index = {o: i for i, o in enumerate(objectives)}
+    if method == "modpo":  # only the weighted objectives' pairs (the loss divides by w_k)
+        objectives = [o for o in objectives if (modpo_weights or {}).get(o, 0) > 0]
+        held = [r for r in held if r["objective"] in objectives]
     cut = balanced_groups(by_obj, objectives, seed)
     if method == "mahdpo":
         return [("", objectives, cut, index, held)]
-    if method == "single":  # the same pairs, pooled into one head, as many per step as MAH-DPO's groups
+    if method in ("single", "modpo"):  # the same pairs, pooled into one head, as many per step as MAH-DPO's groups
         pooled = [r for g in cut for r in g]
         random.Random(seed).shuffle(pooled)
         k = len(objectives)
-        return [("", ["pooled"], [pooled[i: i + k] for i in range(0, len(pooled), k)], {o: 0 for o in objectives}, held)]
+        return [("", ["pooled" if method == "single" else "modpo"], [pooled[i: i + k] for i in range(0, len(pooled), k)],
+                 {o: 0 for o in index}, held)]
     # soup: one single-head model per objective, each on its objective's pairs (the same balanced cut,
     # one pair per step as MAH-DPO gives each head); in one run, a group routes pair i to member i
     if soup_together:
@@ -287,6 +314,12 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
     empty = [o for o, rs in by_obj.items() if not rs]
     if empty:
         raise ValueError(f"no training pairs for objective(s) {empty} in {cfg.data.paths}")
+    if cfg.method == "modpo":
+        unknown = sorted(set(cfg.modpo_weights) - set(objectives))
+        if unknown:
+            raise ValueError(f"modpo_weights names objective(s) {unknown} not among {objectives} ({cfg.data.paths})")
+        total = sum(cfg.modpo_weights.values())
+        modpo_terms([r for rs in by_obj.values() for r in rs] + held, {o: w / total for o, w in cfg.modpo_weights.items()})
     index = {o: i for i, o in enumerate(objectives)}
     tok_kw = {"model_dir": model_dir, "max_length": cfg.dpo.max_length, "max_prompt_length": cfg.dpo.max_prompt_length}
 
@@ -294,7 +327,7 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         t = groups_table(groups, head_of, index)
         return ray.data.from_arrow(t).map_batches(tokenize_groups, fn_kwargs=tok_kw, batch_format="pyarrow")
 
-    runs = plan_runs(cfg.method, objectives, by_obj, held, cfg.dpo.seed, cfg.soup_together)
+    runs = plan_runs(cfg.method, objectives, by_obj, held, cfg.dpo.seed, cfg.soup_together, cfg.modpo_weights)
     together = cfg.method == "soup" and cfg.soup_together
     results = {}
     out = Path(cfg.output_dir)

@@ -42,8 +42,7 @@ class RefLogps:
             enc = [encode_pair(self.tok, r["prompt"], r["chosen"], r["rejected"], self.max_length, self.max_prompt_length)
                    for r in rows[i: i + self.mb]]
             b = collate({k: [[e[k]] for e in enc] for k in enc[0] if k != "truncated"}
-                        | {k: [[0]] * len(enc) for k in ("head", "objective_id")}
-                        | {k: [[0.0]] * len(enc) for k in ("ref_chosen", "ref_rejected")})
+                        | {k: [[0]] * len(enc) for k in ("head", "objective_id")})
             lp = causal_lm_logps(self.model, b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
                                  b["labels"].to(self.device)).cpu().tolist()
             chosen += lp[: len(enc)]
