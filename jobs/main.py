@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     sz = cfg.sizes
     storage = str((run / "ray").resolve())
 
+    def release(pattern: str) -> None:
+        """A finished fit's Ray Train checkpoints, once its stage is done (its export is what is used)."""
+        if not cfg.keep_train_checkpoints:
+            for d in Path(storage).glob(pattern):
+                shutil.rmtree(d, ignore_errors=True)
+
     base = stages.run("base_model", lambda: {"model_dir": resolve_model(cfg.model.name_or_path)})
     data = stages.run("tasks", lambda: write_builtin(run / "data", cfg.tasks.n_train, cfg.tasks.n_eval, cfg.tasks.seed,
                                                   cfg.tasks.names))
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"model_dir": r.export_dir, "steps": r.step, "metrics": r.metrics}
 
     sft = stages.run("sft", sft_stage)
+    release("sft")
     sft_dir = sft["model_dir"]
 
     def rollout_stage() -> dict:
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"model_dir": r.export_dir, "steps": r.step, "metrics": r.metrics}
 
     prm = stages.run("fit_prm", prm_stage)
+    release("prm")
 
     def pairs_stage() -> dict:
         import ray
@@ -143,7 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {name: {"model_dir": r.export_dir, "steps": r.step,
                        "metrics": {k: v for k, v in r.metrics.items() if k.startswith("eval/")}} for name, r in res.items()}
 
-    policies = {m: stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m)) for m in ("mahdpo", "single", "soup", "modpo")}
+    policies = {}
+    for m in ("mahdpo", "single", "soup", "modpo"):
+        policies[m] = stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m))
+        release(f"policy-{m}*")
 
     def eval_stage() -> dict:
         from pipeline.eval.job import run_eval

@@ -437,6 +437,9 @@ class MainJobConfig(Strict):
     policy_train: TrainConfig = Field(default_factory=TrainConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     serve_check: bool = True
+    # Ray Train checkpoints of finished fits (DeepSpeed state with the optimizer's: ~2 GB each for
+    # SmolLM2, ~20 GB per run in all). Only an interrupted fit needs them; later stages read the exports.
+    keep_train_checkpoints: bool = False
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -137,3 +137,30 @@ def test_guided_decoding_refuses_an_attention_without_4d_masks(tiny_model_dir):
     with pytest.raises(ValueError, match="flash_attention_2.*'sdpa'"):
         guided_generate(policy, load_tokenizer(tiny_model_dir), PreferLongest(), None,
                         [{"role": "user", "content": "Hi."}], weights=[1.0], prm_weights=[1.0])
+
+
+def test_screened_tokens_are_the_exact_float32_tokens():
+    """The bf16 pass only short-lists tokens; the winner is the float32 one, also in near-ties the
+    bf16 pass alone gets wrong (rows 0 and 1 differ by 1e-3, below bf16's resolution)."""
+    from pipeline.decoding.mixing import screen_copy, screened_tokens
+
+    torch.manual_seed(0)
+    M, V, D, B = 3, 400, 64, 64
+    u = torch.randn(D)
+    W = torch.randn(M, V, D) * 0.1
+    W[:, 0] = u
+    W[:, 1] = u + 1e-3 * torch.randn(M, D)
+    h = u + 0.05 * torch.randn(B, D)
+    coef = torch.rand(B, M)
+    exact = sum(coef[:, m, None] * (h @ W[m].T) for m in range(M))
+    low, norms = screen_copy(W)
+    bf16_only = sum(coef[:, m, None] * (h.bfloat16() @ low[m].T).float() for m in range(M))
+    assert (bf16_only.argmax(-1) != exact.argmax(-1)).any()  # the short list's exact step matters
+    assert torch.equal(screened_tokens(h, W, coef, low, norms, 0.0, None), exact.argmax(-1))
+    for temperature in (0.7, 1.0):
+        got = screened_tokens(h, W, coef, low, norms, temperature, torch.Generator().manual_seed(3))
+        gumbel = -torch.empty(B, V).exponential_(generator=torch.Generator().manual_seed(3)).log()
+        assert torch.equal(got, (exact / temperature + gumbel).argmax(-1))
+    one_hot = torch.nn.functional.one_hot(torch.arange(B) % M, M).float()  # merged heads: a row reads one
+    exact1 = sum(one_hot[:, m, None] * (h @ W[m].T) for m in range(M))
+    assert torch.equal(screened_tokens(h, W, one_hot, low, norms, 0.0, None), exact1.argmax(-1))

@@ -24,6 +24,8 @@ def test_main_job_quick_profile_end_to_end_and_resume(tmp_path, ray_session):
                    "Why, from this run's data", "- Floor: the SFT policy scores 0 on", "MODPO"):
         assert needle in report, needle
     assert (run / "pareto_math_word.png").exists() and (run / "eval" / "scores.parquet").exists()
+    # finished fits' Ray Train checkpoints are dropped (keep_train_checkpoints: false); the exports stay
+    assert not [p.name for p in (run / "ray").iterdir() if p.name.startswith(("sft", "prm", "policy-"))]
     policies = {r["policy"] for r in out["eval"]["rows"]}
     assert policies == {"base", "sft", "single-head DPO", "DPO soup", "MAH-DPO"}
     answers = json.loads((run / "stages" / "serve.json").read_text())["outputs"]["answers"]

@@ -42,6 +42,49 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), att.to(device)
 
 
+_U = 2.0 ** -8  # bfloat16's unit roundoff
+
+
+def screen_copy(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bfloat16 copy of heads [M, V, D] and their rows' float32 norms [M, V], for screened_tokens."""
+    return W.to(torch.bfloat16), W.float().norm(dim=-1)
+
+
+def screened_tokens(h: torch.Tensor, W: torch.Tensor, coef: torch.Tensor, low: torch.Tensor, norms: torch.Tensor,
+                    temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row under the exact mixed logits z_b = sum_m coef_bm W_m h_b: the argmax of
+    z (temperature 0) or of z / T + Gumbel noise (a sample of softmax(z / T)), found while reading the
+    heads in bfloat16, half the bytes of float32. The bf16 pass is off by at most
+    c ||h_b|| sum_m |coef_bm| ||W_mv|| per token v (rounding of h and W, float32 accumulation); every v
+    whose bound reaches the best lower bound is recomputed exactly, so the token is the float32 one.
+    h [B, D], W [M, V, D] (float32), coef [B, M]; low, norms from screen_copy(W)."""
+    used = [m for m in range(W.shape[0]) if bool((coef[:, m] != 0).any())]
+    hf, cf = h.float(), coef.float()
+    hl = h.to(low.dtype)
+    approx = sum(cf[:, m, None] * (hl @ low[m].T).float() for m in used)
+    c = 2 * _U + _U ** 2 + 2 * h.shape[-1] * 2.0 ** -24
+    slack = c * hf.norm(dim=-1, keepdim=True) * (cf[:, used].abs() @ norms[used])
+    if temperature > 0:
+        g = -torch.empty(approx.shape, dtype=torch.float32).exponential_(generator=generator).log().to(h.device)
+        score, slack = approx / temperature + g, slack / temperature
+    else:
+        g, score = None, approx
+    floor = (score - slack).max(-1, keepdim=True).values
+    out = []
+    for b in range(h.shape[0]):
+        idx = (score[b] + slack[b] >= floor[b]).nonzero().squeeze(1)  # a handful of tokens, not the vocabulary
+        exact = sum(cf[b, m] * (W[m].index_select(0, idx).float() @ hf[b]) for m in used)
+        out.append(idx[(exact / temperature + g[b, idx] if g is not None else exact).argmax()])
+    return torch.stack(out).cpu()
+
+
+def can_screen(W: torch.Tensor, top_p: float) -> bool:
+    """Screening needs float32 heads (bf16 halves what is read), the whole distribution (top_p 1: the
+    Gumbel trick samples without it) and float32 accumulation of bf16 products (CUDA may reduce in bf16)."""
+    return W.dtype == torch.float32 and top_p >= 1.0 and (
+        W.device.type == "cpu" or not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+
+
 def mix_strategy(n_unique: int, n_heads_used: int, head_bytes: int, budget_bytes: int) -> str:
     """'merged' when the U distinct mixes' merged heads are no more to read per token than the
     heads in use (and fit the budget), else 'per_token'."""
@@ -60,7 +103,10 @@ def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max
     mixes: one projection per token for a batch that shares its weights), or the per-token
     mix of the H heads in use (when U exceeds them, e.g. every request its own weights, or
     when U merged heads would exceed `merge_budget_bytes`). Both give the same tokens.
-    `strategy` ("merged" / "per_token") overrides the choice."""
+    `strategy` ("merged" / "per_token") overrides the choice. With float32 heads and top_p 1 the
+    projection reads them in bfloat16 and recomputes the few tokens that could win exactly
+    (`screened_tokens`): the same tokens as float32, half the bytes per step; sampling then uses
+    Gumbel noise from `seed` (with top_p < 1, nucleus sampling on the float32 logits)."""
     b = len(prompts)
     limits = torch.tensor([max_new_tokens] * b if isinstance(max_new_tokens, int) else max_new_tokens)
     gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
@@ -70,17 +116,30 @@ def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max
     if strategy == "auto":
         strategy = mix_strategy(len(torch.unique(w, dim=0)), int((w != 0).any(0).sum()),
                                 model.heads[0].numel() * model.heads.element_size(), merge_budget_bytes)
-    if strategy == "merged":
-        merged, rows = model.merge_rows(w)
-        mix = {"head_ids": rows, "heads": merged}
-    else:
-        mix = {"weights": w}
+    if strategy == "merged":  # W: the U merged heads, each row on its own
+        W, rows = model.merge_rows(w)
+        coef = torch.nn.functional.one_hot(rows, W.shape[0]).to(w.dtype)
+    else:  # W: the H heads, mixed per row
+        W, coef = model.heads.detach(), w
+    screen = screen_copy(W) if can_screen(W, top_p) else None
+    if screen is not None and strategy != "merged":  # the model's own heads: convert once per model, not per batch
+        key = (W.data_ptr(), W._version)
+        if getattr(model, "_screen", (None,))[0] != key:
+            model._screen = (key, screen)
+        screen = model._screen[1]
+
+    def next_tokens(h: torch.Tensor) -> torch.Tensor:
+        if screen is not None:
+            return screened_tokens(h, W, coef, *screen, temperature, gen)
+        logits = sum(coef[:, m, None] * (h @ W[m].T) for m in range(W.shape[0]) if bool((coef[:, m] != 0).any()))
+        return sample(logits.float().cpu(), temperature, top_p, gen)
+
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(ids, att, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1, **mix)
+    h = model.hidden(ids, att, past_key_values=cache, use_cache=True, position_ids=pos).last_hidden_state[:, -1]
     done = torch.zeros(b, dtype=torch.bool)
     for t in range(int(limits.max())):
-        nxt = sample(out.logits[:, -1].float().cpu(), temperature, top_p, gen)
+        nxt = next_tokens(h)
         step = [None if done[i] else int(nxt[i]) for i in range(b)]
         yield step
         done |= torch.tensor([x is not None and x in eos_ids for x in step]) | (t + 1 >= limits)
@@ -89,7 +148,8 @@ def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max
         nxt = torch.where(done, torch.tensor(pad_id), nxt)
         att = torch.cat([att, (~done).long().to(dev).unsqueeze(1)], 1)
         pos = pos[:, -1:] + 1
-        out = model(nxt.to(dev).unsqueeze(1), att, past_key_values=cache, use_cache=True, position_ids=pos, **mix)
+        h = model.hidden(nxt.to(dev).unsqueeze(1), att, past_key_values=cache, use_cache=True,
+                         position_ids=pos).last_hidden_state[:, -1]
 
 
 def generate(model, prompts: list[list[int]], weights: torch.Tensor, **kw) -> list[list[int]]:

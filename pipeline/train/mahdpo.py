@@ -319,7 +319,8 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         if unknown:
             raise ValueError(f"modpo_weights names objective(s) {unknown} not among {objectives} ({cfg.data.paths})")
         total = sum(cfg.modpo_weights.values())
-        modpo_terms([r for rs in by_obj.values() for r in rs] + held, {o: w / total for o, w in cfg.modpo_weights.items()})
+        modpo_terms([r for r in [r for rs in by_obj.values() for r in rs] + held if cfg.modpo_weights.get(r["objective"])],
+                    {o: w / total for o, w in cfg.modpo_weights.items()})
     index = {o: i for i, o in enumerate(objectives)}
     tok_kw = {"model_dir": model_dir, "max_length": cfg.dpo.max_length, "max_prompt_length": cfg.dpo.max_prompt_length}
 
