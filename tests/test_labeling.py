@@ -92,7 +92,9 @@ def test_judge_prefix_rates_each_single_turn_prefix_itself():
     assert lab.labels == [0.0, 1.0, 0.0, 1.0] and lab.label_kind == "hard" and lab.rollouts_per_step == 0
 
 
-def test_demonstration_trajectories_cover_both_sides_of_every_objective():
+def test_demonstration_trajectories_cover_both_sides_of_every_objective(caplog):
+    import logging
+
     from pipeline.labeling.demos import demo_trajectories
     from pipeline.objectives import build_objectives
     from pipeline.tasks import get_task, splits
@@ -102,7 +104,11 @@ def test_demonstration_trajectories_cover_both_sides_of_every_objective():
         p, d = splits(task, 48, 4, 0)["train"]
         problems += p
         sft += d
-    rows = demo_trajectories(problems, sft, 24)
+    with caplog.at_level(logging.INFO, logger="pipeline.labeling.demos"):
+        rows = demo_trajectories(problems, sft, 24)
+    # what was not made is said, with why (no silent drop): 24 math demonstrations, each with a copy
+    made = sum(r["problem_id"].startswith("math_word") for r in rows)
+    assert made == 48 or f"{len(rows)} made, not made" in caplog.text, (made, caplog.text)
     by_id = {p["id"]: p for p in problems}
     for task in ("math_word", "assistant", "tutoring"):
         trajs = [{**r, "reference": by_id[r["problem_id"]]["reference"], "meta": json.loads(by_id[r["problem_id"]]["meta"])}

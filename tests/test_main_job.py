@@ -27,7 +27,7 @@ def test_main_job_quick_profile_end_to_end_and_resume(tmp_path, ray_session):
     # finished fits' Ray Train checkpoints are dropped (keep_train_checkpoints: false); the exports stay
     assert not [p.name for p in (run / "ray").iterdir() if p.name.startswith(("sft", "prm", "policy-"))]
     policies = {r["policy"] for r in out["eval"]["rows"]}
-    assert policies == {"base", "sft", "single-head DPO", "DPO soup", "MAH-DPO"}
+    assert policies == {"base", "sft", "single-head DPO", "DPO soup", "MODPO", "MAH-DPO"}
     answers = json.loads((run / "stages" / "serve.json").read_text())["outputs"]["answers"]
     assert len(answers) == 2 and answers[0]["objective_weights"] != answers[1]["objective_weights"]
     # run again: every stage resumes as done

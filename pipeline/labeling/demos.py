@@ -12,9 +12,12 @@ come from jobs.label_steps (MC with the completer, or the judge), never from her
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections import defaultdict
+
+log = logging.getLogger(__name__)
 
 from pipeline.objectives.splitters import split_blank_lines, split_sentences
 from pipeline.tasks.tutoring import student
@@ -71,7 +74,7 @@ def demo_trajectories(problems: list[dict], demos: list[dict], n: int, seed: int
         if pid in by_id:
             per_problem[pid].append(d)
     rng = random.Random(seed)
-    rows, taken = [], defaultdict(int)
+    rows, taken, skipped = [], defaultdict(int), defaultdict(int)
     for pid, ds in per_problem.items():
         p = by_id[pid]
         if taken[p["task"]] >= n:
@@ -83,10 +86,14 @@ def demo_trajectories(problems: list[dict], demos: list[dict], n: int, seed: int
                 st = split_blank_lines(text) if text else []
                 if len(st) > 1:
                     rows.append(_row(pid, tag, p["prompt"], st))
+                else:  # one step has no prefix to label; a style without verbatim steps has no corrupt copy
+                    skipped[f"math_word/{tag}: " + ("single step" if text else "no verbatim steps to corrupt")] += 1
         elif p["task"] == "tutoring":
             ds = sorted(ds, key=lambda d: int(d["id"].rsplit("-", 1)[1]))
             turns = _dialogue(p, ds)
             rows.append(_row(pid, "demo", p["prompt"], [m["content"] for m in turns if m["role"] == "assistant"], turns))
         else:
             rows.append(_row(pid, "demo", p["prompt"], split_sentences(ds[0]["completion"]) or [ds[0]["completion"]]))
+    if skipped:
+        log.info("demonstration trajectories: %d made, not made: %s", len(rows), dict(skipped))
     return rows
