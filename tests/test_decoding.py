@@ -164,3 +164,22 @@ def test_screened_tokens_are_the_exact_float32_tokens():
     one_hot = torch.nn.functional.one_hot(torch.arange(B) % M, M).float()  # merged heads: a row reads one
     exact1 = sum(one_hot[:, m, None] * (h @ W[m].T) for m in range(M))
     assert torch.equal(screened_tokens(h, W, one_hot, low, norms, 0.0, None), exact1.argmax(-1))
+
+
+def test_screened_copy_of_the_heads_is_made_once_per_model(tiny_model_dir, monkeypatch):
+    """Batches with their own mixes reuse the policy's bf16 copy; new head weights get a new one."""
+    from pipeline.decoding import mixing
+
+    policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b", "c"], noise_std=0.05).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    made, real = [], mixing.screen_copy
+    monkeypatch.setattr(mixing, "screen_copy", lambda W: made.append(W.shape) or real(W))
+    kw = dict(max_new_tokens=3, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, strategy="per_token")
+    prompts = [_prompt_ids(tok, "Hi."), _prompt_ids(tok, "Count.")]
+    for _ in range(2):
+        generate(policy, prompts, torch.rand(2, 3), **kw)
+    assert len(made) == 1
+    with torch.no_grad():
+        policy.heads.add_(0.01)  # the heads changed: the copy is remade
+    generate(policy, prompts, torch.rand(2, 3), **kw)
+    assert len(made) == 2

@@ -187,8 +187,8 @@ class PRMPrefix:
         owners = [j for j, p in enumerate(pieces) for _ in p]
         pos, mask = self._tree.append(owners, dtype=self.prm.head.weight.dtype)
         ids = torch.tensor([[x for p in pieces for x in p]], device=self.dev)
-        h = self.prm.backbone(input_ids=ids, attention_mask=mask.to(self.dev), past_key_values=self.cache,
-                              position_ids=pos.to(self.dev), use_cache=True).last_hidden_state[0]
+        h = self.prm.backbone(input_ids=ids, attention_mask=mask, past_key_values=self.cache, position_ids=pos,
+                              use_cache=True).last_hidden_state[0]
         last = torch.tensor([len(p) for p in pieces]).cumsum(0) - 1
         return self.prm.head(h[last.to(self.dev)].to(self.prm.head.weight.dtype)).float().cpu()
 

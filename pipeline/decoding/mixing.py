@@ -121,12 +121,15 @@ def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max
         coef = torch.nn.functional.one_hot(rows, W.shape[0]).to(w.dtype)
     else:  # W: the H heads, mixed per row
         W, coef = model.heads.detach(), w
-    screen = screen_copy(W) if can_screen(W, top_p) else None
-    if screen is not None and strategy != "merged":  # the model's own heads: convert once per model, not per batch
-        key = (W.data_ptr(), W._version)
-        if getattr(model, "_screen", (None,))[0] != key:
-            model._screen = (key, screen)
-        screen = model._screen[1]
+    screen = None
+    if can_screen(W, top_p):
+        if strategy == "merged":  # this batch's merged heads
+            screen = screen_copy(W)
+        else:  # the model's own heads: converted once per model (and again if they change), not per batch
+            key = (W.data_ptr(), W._version)
+            if getattr(model, "_screen", (None,))[0] != key:
+                model._screen = (key, screen_copy(W))
+            screen = model._screen[1]
 
     def next_tokens(h: torch.Tensor) -> torch.Tensor:
         if screen is not None:

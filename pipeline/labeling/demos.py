@@ -17,10 +17,10 @@ import random
 import re
 from collections import defaultdict
 
-log = logging.getLogger(__name__)
-
 from pipeline.objectives.splitters import split_blank_lines, split_sentences
 from pipeline.tasks.tutoring import student
+
+log = logging.getLogger(__name__)
 
 
 def corrupt(completion: str, meta: dict, rng: random.Random) -> str | None:
