@@ -1,6 +1,7 @@
 """MAH-DPO cost: 3 heads against 1 head, and pairs per second against TRL's DPOTrainer.
 
     .venv/bin/python bench/mahdpo_step.py [--model smollm2-135m-instruct] [--pairs-per-step 6] [--steps 8]
+                                          [--head-rank 16]
     (the TRL side needs bench/setup_trl.sh once; --no-trl skips it)
 
 Pairs: built-in task demonstrations (math, assistant, tutoring), chosen = a
@@ -11,9 +12,10 @@ process, a fresh subprocess each (so ru_maxrss is its own peak):
         (computed once before training by the same code as jobs.build_pairs; timed
         separately and reported);
   mh1   the same with 1 head (single-head DPO in our code);
+  lr3, lr1  with --head-rank r: the same with low-rank heads (frozen SFT head + rank-r change each);
   trl   trl.DPOTrainer (in .venv-trl), its default: a reference model run every step;
   trl_pre  trl.DPOTrainer with precompute_ref_log_probs=True (its precompute pass not timed).
-Step times are medians over the steps after --warmup. Prints mh3/mh1 time and
+Step times are medians over the steps after --warmup. Prints mh3/mh1 (and lr3/lr1) time and
 memory (targets <= 1.10x, <= 1.05x) and our pairs/s over TRL's (target >= 1.5x).
 """
 
@@ -44,7 +46,7 @@ def pairs(n: int) -> list[dict]:
              "rejected": demos[(i + 7) % len(demos)]["completion"], "objective": OBJECTIVES[i % 3]} for i in range(n)]
 
 
-def run_ours(args, n_heads: int) -> dict:
+def run_ours(args, n_heads: int, head_rank: int = 0) -> dict:
     import numpy as np
     import torch
 
@@ -63,7 +65,7 @@ def run_ours(args, n_heads: int) -> dict:
         row["ref_chosen_logp"], row["ref_rejected_logp"] = a, b
     heads = OBJECTIVES[:n_heads]
     head_of = {o: (i % n_heads) for i, o in enumerate(OBJECTIVES)}
-    dpo = DPOConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2)
+    dpo = DPOConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2, head_rank=head_rank)
     spec = build_spec(model_dir, heads, OBJECTIVES, dpo, bf16=False)
     # balanced micro-batches: consecutive rows cycle through the 3 objectives already
     groups = [[rows[i]] for i in range(len(rows))]
@@ -96,18 +98,19 @@ def main() -> None:
     ap.add_argument("--pairs-per-step", type=int, default=6)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--head-rank", type=int, default=0, help="also measure low-rank heads of this rank (lr1, lr3)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:  # child process: one side, its own peak memory
-        if args.side.startswith("mh"):
-            return report_child(run_ours(args, int(args.side[2:])))
+        if args.side.startswith(("mh", "lr")):
+            return report_child(run_ours(args, int(args.side[2:]), args.head_rank if args.side[:2] == "lr" else 0))
         from pipeline.models.registry import resolve_model
 
         return report_child(run_trl(TRL_BODY, pairs(args.pairs_per_step * args.steps), {
             "model_dir": resolve_model(args.model), "batch": args.pairs_per_step, "steps": args.steps,
             "max_length": args.max_length, "lr": args.lr, "precompute": args.side == "trl_pre"}))
-    sides = ["mh1", "mh3"] + ([] if args.no_trl else ["trl", "trl_pre"])
+    sides = ["mh1", "mh3"] + (["lr1", "lr3"] if args.head_rank else []) + ([] if args.no_trl else ["trl", "trl_pre"])
     res = {}
     for side in sides:
         r = run_side(__file__, side, args)
@@ -116,8 +119,10 @@ def main() -> None:
                      "ref_precompute_s": r.get("ref_precompute_s")}
         extra = f"   (reference log-probs precomputed in {r['ref_precompute_s']:.1f} s)" if r.get("ref_precompute_s") else ""
         print(f"{side:8s} step {step:.2f} s   {res[side]['pairs_per_s']:.2f} pairs/s   peak RSS {r['peak_rss_mb']:.0f} MiB{extra}")
-    print(f"3 heads / 1 head: time {res['mh3']['step_s'] / res['mh1']['step_s']:.3f}x (target <= 1.10)   "
-          f"memory {res['mh3']['peak_rss_mb'] / res['mh1']['peak_rss_mb']:.3f}x (target <= 1.05)")
+    for three, one, what in (("mh3", "mh1", "full heads"), ("lr3", "lr1", f"heads of rank {args.head_rank}")):
+        if three in res:
+            print(f"3 heads / 1 head ({what}): time {res[three]['step_s'] / res[one]['step_s']:.3f}x (target <= 1.10)   "
+                  f"memory {res[three]['peak_rss_mb'] / res[one]['peak_rss_mb']:.3f}x (target <= 1.05)")
     if not args.no_trl:
         for t in ("trl", "trl_pre"):
             print(f"pairs/s MAH-DPO (3 heads) / {t}: {res['mh3']['pairs_per_s'] / res[t]['pairs_per_s']:.2f}x (target >= 1.5)")

@@ -254,6 +254,9 @@ class DPOConfig(Strict):
     max_length: int = Field(512, ge=8)
     max_prompt_length: int = Field(256, ge=4)
     noise_std: float = Field(1e-3, ge=0)  # head init: SFT head + noise_std * N(0, 1), seeded per head
+    # 0: full heads (the paper). r > 0: low-rank heads, SFT head (frozen) + a trained rank-r change per
+    # head: an extra head costs r (vocab + hidden) parameters instead of vocab x hidden (docs/policy.md)
+    head_rank: int = Field(0, ge=0)
     seed: int = 0  # head noise, balanced truncation and shuffling
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
     # of the reference log-probs (cached by jobs.build_pairs or computed on the fly); bfloat16 matches

@@ -8,6 +8,14 @@ embeddings even when the base model ties them (a head trained for one objective
 must not move the embeddings of every other). Each head starts from the SFT
 model's LM head plus `noise_std` Gaussian noise (seed `seed + i`).
 
+Low-rank heads (`head_rank` r > 0, opt-in): W_i = W_0 + U_i D_i, with W_0 the SFT head
+(frozen, shared) and only U_i [vocab, r] (zero at start) and D_i [r, hidden] (seeded
+Gaussian) trained. An extra head then costs r (vocab + hidden) trainable parameters
+instead of vocab x hidden (with their gradients and Adam state: 16 bytes each in fp32),
+so 3 heads cost what 1 head costs; each head's change from the SFT head has rank r.
+Heads start at the SFT head exactly (no noise: the routed pairs make them differ), and
+saving writes the full heads, so every checkpoint has the same format.
+
 Forward computes, for each example, only the logits it needs: the head it is
 routed to (`head_ids`, training) or the weighted mix (`weights`, inference), so a
 batch costs one vocabulary projection per example whatever H is. The paper's code
@@ -32,6 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from pipeline.models.tokenize import IGNORE
 
 HEADS_FILE, CONFIG_FILE = "heads.safetensors", "multihead_config.json"
+CHUNK_TOKENS = 512  # labelled tokens projected on the vocabulary at once in training
 
 
 class IncompleteCheckpointError(ValueError):
@@ -80,28 +89,72 @@ def validate_weights(weights, objectives: list[str]) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+class _HeadProjection(torch.autograd.Function):
+    """Each group of hidden states [n_g, hidden] on its head: heads[i_g] h. Backward writes every
+    head's weight gradient into one [H, vocab, hidden] tensor, which becomes `heads.grad`; autograd's
+    own indexing would make a zero-filled [H, vocab, hidden] gradient per head used and add them up,
+    at the start of backward, when the activations are all still held (measured: ~440 MiB more
+    peak memory for 3 SmolLM2 heads)."""
+
+    @staticmethod
+    def forward(ctx, heads, index, *hs):
+        ctx.index = index
+        ctx.save_for_backward(heads, *hs)
+        return tuple(h @ heads[i].T for i, h in zip(index, hs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        heads, *hs = ctx.saved_tensors
+        grad_heads = torch.zeros_like(heads) if ctx.needs_input_grad[0] else None
+        grad_hs = []
+        for i, h, g in zip(ctx.index, hs, grads):
+            if grad_heads is not None:
+                grad_heads[i].addmm_(g.T.to(heads.dtype), h.to(heads.dtype))
+            grad_hs.append(g @ heads[i])
+        return (grad_heads, None, *grad_hs)
+
+
 class MultiHeadPolicy(nn.Module):
     def __init__(self, base, objectives: list[str], heads: torch.Tensor | None = None,
-                 noise_std: float = 1e-3, seed: int = 0):
+                 noise_std: float = 1e-3, seed: int = 0, head_rank: int = 0):
         super().__init__()
         if not objectives or len(set(objectives)) != len(objectives):
             raise ValueError(f"objectives must be distinct and non-empty, got {objectives}")
-        self.base, self.objectives = base, list(objectives)
+        if head_rank < 0 or (head_rank and heads is not None):
+            raise ValueError(f"head_rank must be >= 0 (got {head_rank}), and low-rank heads start from the SFT head "
+                             "(no `heads`)")
+        self.base, self.objectives, self.head_rank = base, list(objectives), int(head_rank)
         self.config = base.config
         w = base.get_output_embeddings().weight
-        if heads is None:
-            heads = torch.stack([w.detach().float() + noise_std * torch.randn(
-                w.shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(objectives))])
-        if tuple(heads.shape) != (len(objectives), *w.shape):
-            raise ValueError(f"heads have shape {tuple(heads.shape)}, expected {(len(objectives), *w.shape)}")
-        self.heads = nn.Parameter(heads.to(w.dtype).clone())
+        if head_rank:
+            H, (V, d) = len(objectives), w.shape
+            # a copy: with tied embeddings w keeps training as the input embedding
+            self.head_base = nn.Parameter(w.detach().clone(), requires_grad=False)
+            self.head_up = nn.Parameter(torch.zeros(H, V, head_rank, dtype=w.dtype))
+            # D_i rows of norm ~ sqrt(hidden / r): U_i's first Adam steps move the logits by O(lr sqrt(r hidden))
+            self.head_down = nn.Parameter(torch.stack([torch.randn(
+                head_rank, d, generator=torch.Generator().manual_seed(seed + i)) / head_rank ** 0.5
+                for i in range(H)]).to(w.dtype))
+        else:
+            if heads is None:
+                heads = torch.stack([w.detach().float() + noise_std * torch.randn(
+                    w.shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(objectives))])
+            if tuple(heads.shape) != (len(objectives), *w.shape):
+                raise ValueError(f"heads have shape {tuple(heads.shape)}, expected {(len(objectives), *w.shape)}")
+            self.heads = nn.Parameter(heads.to(w.dtype).clone())
         # The base's own LM head is not used; when it is not the (shared) embedding, freeze it.
         if w is not base.get_input_embeddings().weight:
             w.requires_grad_(False)
 
     @property
     def device(self):
-        return self.heads.device
+        return (self.head_base if self.head_rank else self.heads).device
+
+    def head_stack(self) -> torch.Tensor:
+        """All heads as one [H, vocab, hidden] tensor (low-rank heads: materialised, W_0 + U_i D_i)."""
+        if not self.head_rank:
+            return self.heads
+        return self.head_base + torch.einsum("hvr,hrd->hvd", self.head_up, self.head_down)
 
     def hidden(self, input_ids, attention_mask=None, **kw):
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
@@ -129,50 +182,77 @@ class MultiHeadPolicy(nn.Module):
 
     def merge_rows(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(merged heads [U, vocab, hidden] for the U distinct rows of weights [B, H], row -> index [B])."""
-        uniq, inverse = torch.unique(weights.to(self.heads.dtype), dim=0, return_inverse=True)
-        return torch.einsum("uh,hvd->uvd", uniq.to(self.heads.device), self.heads), inverse
+        W = self.head_stack()
+        uniq, inverse = torch.unique(weights.to(W.dtype), dim=0, return_inverse=True)
+        return torch.einsum("uh,hvd->uvd", uniq.to(W.device), W), inverse
 
     def labelled_logps(self, h: torch.Tensor, head_ids, labels: torch.Tensor) -> torch.Tensor:
         """[B] sums of log p(label) under each row's head. Only labelled positions are projected on the
-        vocabulary: prompt and padding never cost a [vocab] row (nor its float32 log-softmax)."""
+        vocabulary: prompt and padding never cost a [vocab] row (nor its float32 log-softmax). Each
+        head's tokens are reduced to log-probs on their own, so no [tokens, vocab] tensor is
+        concatenated or reordered (two more copies of the largest activation, forward and backward)."""
         tgt = labels[:, 1:]
         rows, cols = (tgt != IGNORE).nonzero(as_tuple=True)
         ids = torch.as_tensor(head_ids, device=h.device).expand(h.shape[0]) if isinstance(head_ids, int) \
             else torch.as_tensor(head_ids, device=h.device)
-        # float32: bf16 log-probs summed over hundreds of tokens lose the margin
-        logits = self.routed_logits(h[:, :-1][rows, cols], ids[rows]).float()
-        lp = logits.gather(1, tgt[rows, cols].unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
-        return torch.zeros(h.shape[0], dtype=lp.dtype, device=h.device).index_add(0, rows, lp)
+        hs, ys, hid = h[:, :-1][rows, cols], tgt[rows, cols], ids[rows]
+        # per head, in chunks of CHUNK_TOKENS: the float32 log-softmax's temporaries and the backward's
+        # [tokens, vocab] gradients are one chunk's, not the batch's
+        groups = [(i, sel) for i in torch.unique(hid).tolist()
+                  for sel in (hid == i).nonzero().squeeze(1).split(CHUNK_TOKENS)]
+        parts = [hs.index_select(0, sel) for _, sel in groups]
+        if self.head_rank:
+            logits = [self.project(x, i) for (i, _), x in zip(groups, parts)]
+        else:
+            logits = _HeadProjection.apply(self.heads, [i for i, _ in groups], *parts)
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        for (i, sel), z in zip(groups, logits):
+            z = z.float()  # float32: bf16 log-probs summed over hundreds of tokens lose the margin
+            lp = z.gather(1, ys.index_select(0, sel).unsqueeze(1)).squeeze(1) - z.logsumexp(-1)
+            out = out.index_add(0, rows.index_select(0, sel), lp)
+        return out
+
+    def project(self, h: torch.Tensor, i: int, heads=None) -> torch.Tensor:
+        """h [..., hidden] on head i's vocabulary (of `heads` when given). A low-rank head is never
+        materialised: W_0 h + U_i (D_i h)."""
+        if heads is not None:
+            return h @ heads[i].T
+        if not self.head_rank:
+            return h @ self.heads[i].T
+        z = h.reshape(-1, h.shape[-1])
+        # in place on W_0 h: one [tokens, vocab] tensor, not three (autograd keeps z and the factors only)
+        out = (z @ self.head_base.T).addmm_(z @ self.head_down[i].T, self.head_up[i].T)
+        return out.view(*h.shape[:-1], out.shape[-1])
 
     def routed_logits(self, h: torch.Tensor, head_ids, heads=None) -> torch.Tensor:
-        W = self.heads if heads is None else heads
         if isinstance(head_ids, int):
-            return h @ W[head_ids].T
+            return self.project(h, head_ids, heads)
         head_ids = torch.as_tensor(head_ids, device=h.device)
         groups = [(int(i), (head_ids == i).nonzero().squeeze(1)) for i in torch.unique(head_ids)]
         if len(groups) == 1:
-            return h @ W[groups[0][0]].T
-        parts = [h.index_select(0, idx) @ W[i].T for i, idx in groups]
+            return self.project(h, groups[0][0], heads)
+        parts = [self.project(h.index_select(0, idx), i, heads) for i, idx in groups]
         order = torch.cat([idx for _, idx in groups])
         return torch.cat(parts).index_select(0, torch.argsort(order))
 
     def mixed_logits(self, h: torch.Tensor, weights) -> torch.Tensor:
         w = torch.as_tensor(weights, dtype=h.dtype, device=h.device)
+        W = self.head_stack()
         if w.dim() == 1:  # one mix for the batch: a single merged head
-            return h @ torch.einsum("i,ivd->vd", w, self.heads).T
+            return h @ torch.einsum("i,ivd->vd", w, W).T
         # One mix per example: sum_i w_bi (W_i h_b), H projections (requests with different
         # weights share the batch; each head's weights are read once).
         logits = None
-        for i in range(self.heads.shape[0]):
+        for i in range(W.shape[0]):
             if bool((w[:, i] == 0).all()):
                 continue
-            z = (h @ self.heads[i].T) * w[:, i].view(-1, *([1] * (h.dim() - 1)))
+            z = (h @ W[i].T) * w[:, i].view(-1, *([1] * (h.dim() - 1)))
             logits = z if logits is None else logits + z
         return logits
 
     def merged_head(self, weights) -> torch.Tensor:
         w = torch.tensor(validate_weights(weights, self.objectives), dtype=torch.float32)
-        return torch.einsum("i,ivd->vd", w, self.heads.detach().float().cpu())
+        return torch.einsum("i,ivd->vd", w, self.head_stack().detach().float().cpu())
 
     # --- checkpoints -------------------------------------------------------------
     def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
@@ -182,7 +262,12 @@ class MultiHeadPolicy(nn.Module):
         from pipeline.models.checkpoint import save_pretrained
 
         sd = state_dict if state_dict is not None else self.state_dict()
-        heads = sd["heads"].detach().cpu().contiguous()
+        if self.head_rank:  # the full heads: loading needs no rank, every reader the same format
+            up, down = (sd[k].detach().cpu().float() for k in ("head_up", "head_down"))
+            heads = (sd["head_base"].detach().cpu().float() + torch.einsum("hvr,hrd->hvd", up, down)).to(
+                sd["head_base"].dtype).contiguous()
+        else:
+            heads = sd["heads"].detach().cpu().contiguous()
         base_sd = {k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")}
         out = Path(out_dir)
 
@@ -206,9 +291,10 @@ class MultiHeadPolicy(nn.Module):
 
     @classmethod
     def from_sft(cls, path: str | Path, objectives: list[str], noise_std: float = 1e-3, seed: int = 0,
-                 dtype: str = "float32") -> "MultiHeadPolicy":
-        """Every head from the SFT model's LM head (+ seeded noise); every SFT weight checked as loaded."""
-        return cls(load_checked(path, dtype), objectives, noise_std=noise_std, seed=seed)
+                 dtype: str = "float32", head_rank: int = 0) -> "MultiHeadPolicy":
+        """Every head from the SFT model's LM head (+ seeded noise, or low-rank); every SFT weight checked
+        as loaded."""
+        return cls(load_checked(path, dtype), objectives, noise_std=noise_std, seed=seed, head_rank=head_rank)
 
     def export_merged(self, weights, out_dir: str | Path, tokenizer=None) -> Path:
         """An ordinary single-head causal LM whose (untied) LM head is sum_i w_i W_i."""

@@ -69,8 +69,10 @@ class FitResult:
 
 def _identity(spec: TrainSpec) -> dict:
     """What a checkpoint must match to be resumed: the model and what shapes it (not lr or steps)."""
-    return json.loads(json.dumps({k: spec.params[k] for k in ("model", "method", "heads", "objectives", "kinds")
-                                  if k in spec.params}))
+    ident = {k: spec.params[k] for k in ("model", "method", "heads", "objectives", "kinds") if k in spec.params}
+    if spec.params.get("head_rank"):  # only when set: checkpoints from before it existed had full heads
+        ident["head_rank"] = spec.params["head_rank"]
+    return json.loads(json.dumps(ident))
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig, fresh: tuple[str, ...]) -> list[dict]:
