@@ -396,15 +396,19 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
         check_ref_meta([str(tmp_path / "pairs")], tiny_model_dir, DPOConfig(max_length=128, max_prompt_length=64))
     load_tokenizer(tmp_path / "policy" / "model")
     # MODPO baseline from the same shards: one head for the weight vector, the margins from the scores
+    # (on ZeRO-3, as the GPU configs: partitioned heads through the routed projection's own backward)
     modpo = common + ["--output_dir", str(tmp_path / "modpo"), "--method", "modpo",
-                      "--modpo_weights", "{concision: 0.7, thoroughness: 0.3}", "--train.num_workers", "1",
-                      "--train.micro_batch_size", "2", "--train.max_steps", "2"]
+                      "--modpo_weights", "{concision: 0.7, thoroughness: 0.3}", "--train.num_workers", "2",
+                      "--train.zero_stage", "3", "--train.micro_batch_size", "2", "--train.max_steps", "2"]
     with pytest.raises(Exception, match="a checkpoint of another run under run_name 'policy'.*'method'"):
         fit_policy(modpo)  # the MAH-DPO run's name: its checkpoint is not resumed into another model
     fit_policy(modpo + ["--run_name", "modpo"])
     modpo_logged = read_metrics(str(tmp_path / "modpo" / "logs"))
     assert {"concision/loss", "thoroughness/loss"} <= set(modpo_logged[-1])
-    assert MultiHeadPolicy.load(tmp_path / "modpo" / "model").objectives == ["modpo"]
+    modpo_policy = MultiHeadPolicy.load(tmp_path / "modpo" / "model")
+    assert modpo_policy.objectives == ["modpo"]
+    start = MultiHeadPolicy.from_sft(tiny_model_dir, ["modpo"]).heads.detach()  # the seeded initial head
+    assert float((modpo_policy.heads - start).abs().max()) > 1e-4  # the head trained
     # Low-rank heads through Ray Train + DeepSpeed: refused as the full-head run's checkpoint; exports full heads
     low = common + ["--output_dir", str(tmp_path / "low"), "--dpo.head_rank", "4", "--train.num_workers", "2",
                     "--train.micro_batch_size", "2", "--train.max_steps", "6", "--train.epochs", "5"]

@@ -17,6 +17,18 @@ class UnsafeCheckpointError(ValueError):
     pass
 
 
+def gathered(param: torch.nn.Parameter, modifier_rank: int | None = None):
+    """A context in which a parameter partitioned by ZeRO-3's zero.Init holds its whole value (and,
+    with modifier_rank, that rank's changes reach every partition); for any other parameter, nothing."""
+    import contextlib
+
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=modifier_rank)
+
+
 def check_safetensors(path: str | Path) -> Path:
     """The checkpoint directory, if it holds safetensors weights; else a clear error."""
     p = Path(path)

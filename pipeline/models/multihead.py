@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
+from pipeline.models.checkpoint import gathered
 from pipeline.models.tokenize import IGNORE
 
 HEADS_FILE, CONFIG_FILE = "heads.safetensors", "multihead_config.json"
@@ -48,8 +50,10 @@ class IncompleteCheckpointError(ValueError):
 
 
 @dataclass
-class SequenceLogps:
-    logps: torch.Tensor  # [B]
+class SequenceLogps(ModelOutput):
+    """[B] summed log-probs. A ModelOutput (a dict) so that ZeRO-3 finds the tensor and gathers the
+    partitioned parameters again for backward (it does not look inside other classes)."""
+    logps: torch.Tensor | None = None
 
 
 def load_checked(path: str | Path, dtype: str = "float32"):
@@ -93,23 +97,25 @@ class _HeadProjection(torch.autograd.Function):
     """Each group of hidden states [n_g, hidden] on its head: heads[i_g] h. Backward writes every
     head's weight gradient into one [H, vocab, hidden] tensor, which becomes `heads.grad`; autograd's
     own indexing would make a zero-filled [H, vocab, hidden] gradient per head used and add them up,
-    at the start of backward, when the activations are all still held (measured: ~440 MiB more
-    peak memory for 3 SmolLM2 heads)."""
+    at the start of backward, when the activations are all still held (measured: 415 MiB more
+    peak memory for 3 SmolLM2 heads in fp32)."""
 
     @staticmethod
     def forward(ctx, heads, index, *hs):
-        ctx.index = index
-        ctx.save_for_backward(heads, *hs)
+        # an alias of the values, not the parameter: ZeRO-3 empties the parameter after forward (its
+        # partition), the alias keeps the gathered values for backward as a view saved by matmul would
+        ctx.index, ctx.heads = index, heads.detach()
+        ctx.save_for_backward(*hs)
         return tuple(h @ heads[i].T for i, h in zip(index, hs))
 
     @staticmethod
     def backward(ctx, *grads):
-        heads, *hs = ctx.saved_tensors
+        heads, hs = ctx.heads, ctx.saved_tensors
         grad_heads = torch.zeros_like(heads) if ctx.needs_input_grad[0] else None
         grad_hs = []
         for i, h, g in zip(ctx.index, hs, grads):
             if grad_heads is not None:
-                grad_heads[i].addmm_(g.T.to(heads.dtype), h.to(heads.dtype))
+                grad_heads[i].addmm_(g.T, h)
             grad_hs.append(g @ heads[i])
         return (grad_heads, None, *grad_hs)
 
@@ -126,22 +132,25 @@ class MultiHeadPolicy(nn.Module):
         self.base, self.objectives, self.head_rank = base, list(objectives), int(head_rank)
         self.config = base.config
         w = base.get_output_embeddings().weight
-        if head_rank:
-            H, (V, d) = len(objectives), w.shape
-            # a copy: with tied embeddings w keeps training as the input embedding
-            self.head_base = nn.Parameter(w.detach().clone(), requires_grad=False)
-            self.head_up = nn.Parameter(torch.zeros(H, V, head_rank, dtype=w.dtype))
-            # D_i rows of norm ~ sqrt(hidden / r): U_i's first Adam steps move the logits by O(lr sqrt(r hidden))
-            self.head_down = nn.Parameter(torch.stack([torch.randn(
-                head_rank, d, generator=torch.Generator().manual_seed(seed + i)) / head_rank ** 0.5
-                for i in range(H)]).to(w.dtype))
-        else:
-            if heads is None:
-                heads = torch.stack([w.detach().float() + noise_std * torch.randn(
-                    w.shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(objectives))])
-            if tuple(heads.shape) != (len(objectives), *w.shape):
-                raise ValueError(f"heads have shape {tuple(heads.shape)}, expected {(len(objectives), *w.shape)}")
-            self.heads = nn.Parameter(heads.to(w.dtype).clone())
+        # under ZeRO-3 (zero.Init) w is this process's partition: the heads are built from the whole
+        # SFT head (the same in every process), and DeepSpeed partitions them in turn
+        with gathered(w):
+            if head_rank:
+                H, (V, d) = len(objectives), w.shape
+                # a copy: with tied embeddings w keeps training as the input embedding
+                self.head_base = nn.Parameter(w.detach().clone(), requires_grad=False)
+                self.head_up = nn.Parameter(torch.zeros(H, V, head_rank, dtype=w.dtype))
+                # D_i rows of norm ~ sqrt(hidden / r): U_i's first Adam steps move the logits by O(lr sqrt(r hidden))
+                self.head_down = nn.Parameter(torch.stack([torch.randn(
+                    head_rank, d, generator=torch.Generator().manual_seed(seed + i)) / head_rank ** 0.5
+                    for i in range(H)]).to(w.dtype))
+            else:
+                if heads is None:
+                    heads = torch.stack([w.detach().float() + noise_std * torch.randn(
+                        w.shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(objectives))])
+                if tuple(heads.shape) != (len(objectives), *w.shape):
+                    raise ValueError(f"heads have shape {tuple(heads.shape)}, expected {(len(objectives), *w.shape)}")
+                self.heads = nn.Parameter(heads.to(w.dtype).clone())
         # The base's own LM head is not used; when it is not the (shared) embedding, freeze it.
         if w is not base.get_input_embeddings().weight:
             w.requires_grad_(False)

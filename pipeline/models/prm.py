@@ -12,7 +12,6 @@ order, their label kinds, the separator).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -164,7 +163,7 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
     (pipeline.train.prm_probe); without it the head is random (std 0.02)."""
     from transformers import AutoModel
 
-    from pipeline.models.checkpoint import check_safetensors, load_tokenizer
+    from pipeline.models.checkpoint import check_safetensors, gathered, load_tokenizer
 
     tok = load_tokenizer(str(check_safetensors(model_dir)))
     sep_id = add_separator(tok, separator)
@@ -175,12 +174,7 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
         # features from one build (the probe) must see the same features in the workers' builds
         backbone.resize_token_embeddings(len(tok), mean_resizing=False)
         emb = backbone.get_input_embeddings().weight
-        gather = contextlib.nullcontext()
-        if hasattr(emb, "ds_id"):  # partitioned by zero.Init
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters([emb], modifier_rank=0)
-        with gather, torch.no_grad():
+        with gathered(emb, modifier_rank=0), torch.no_grad():
             emb[old:] = emb[:old].mean(0)
     if unknown := set(label_kinds.values()) - {"soft", "hard", "outcome"}:
         raise ValueError(f"unknown label kinds {unknown}; use soft, hard or outcome")
