@@ -42,9 +42,9 @@ def main() -> None:
     from pipeline.labeling.steps import label_objective
     from pipeline.models.registry import resolve_model
     from pipeline.objectives import build_objective
-    from pipeline.rollout.episodes import stable_seed
-    from pipeline.rollout.hf_engine import TransformersEngine
-    from pipeline.rollout.vllm_engine import VLLMEngine
+    from pipeline.data.hashing import stable_seed
+    from pipeline.engines.hf_engine import TransformersEngine
+    from pipeline.engines.vllm_engine import VLLMEngine
     from pipeline.tasks import math_word
 
     model_dir = resolve_model(args.model)

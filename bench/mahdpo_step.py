@@ -53,7 +53,7 @@ def run_ours(args, n_heads: int, head_rank: int = 0) -> dict:
     from pipeline.config import DPOConfig
     from pipeline.models.registry import resolve_model
     from pipeline.train.mahdpo import build_spec, groups_table, tokenize_groups
-    from pipeline.train.ref_logps import RefLogps
+    from pipeline.models.ref_logps import RefLogps
 
     torch.manual_seed(0)
     model_dir = resolve_model(args.model)

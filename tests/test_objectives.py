@@ -63,7 +63,7 @@ def test_verdict_parsing(text, score):
 def test_llm_judge_counts_unparseable_on_tiny_model(tiny_model_dir):
     """A real LLM judge on the tiny random model: its babble names no verdict, so every
     item is unscored (None) and counted, never read as a verdict."""
-    from pipeline.rollout.hf_engine import TransformersEngine
+    from pipeline.engines.hf_engine import TransformersEngine
 
     engine = TransformersEngine(tiny_model_dir, "float32")
     obj = build_objective({"name": "helpful", "kind": "judged",

@@ -11,7 +11,7 @@ from pipeline.config import SFTJobConfig, TrainConfig, load_config
 from pipeline.data.stream import quarantine_count
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.models.tokenize import encode_prompt_completion
-from pipeline.train.batching import PadCollate
+from pipeline.models.collate import PadCollate
 from pipeline.train.ds_config import deepspeed_config
 from pipeline.train.harness import fit, lr_lambda, param_groups, plan_steps, read_metrics
 from pipeline.train.sft import build_spec, run_sft, sft_loss

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+
+from pipeline.data.hashing import stable_hash
 
 
 def held_out(prompt, fraction: float) -> bool:
-    """Stable across processes and runs (hashlib, not the salted hash())."""
+    """Stable across processes and runs."""
     key = prompt if isinstance(prompt, str) else json.dumps(prompt)
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little")
-    return h % 10_000 < fraction * 10_000
+    return stable_hash(key, 4) % 10_000 < fraction * 10_000

@@ -44,7 +44,7 @@ def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
     """An ordinary single-head checkpoint of `policy` at `weights` (its objectives; others weigh 0)."""
     from pipeline.models.checkpoint import load_tokenizer
     from pipeline.models.multihead import MultiHeadPolicy, load_checked
-    from pipeline.train.mahdpo import merge_soup
+    from pipeline.models.soup import merge_soup
 
     kind = policy["kind"]
     if kind == "hf":
@@ -74,7 +74,7 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
              temperature: float = 0.0, guided: dict | None = None) -> list[dict]:
     """Rows of per-objective means. `policies`: [{name, kind, path | paths, sweep: bool}]."""
     from pipeline.eval.task_scores import score_task
-    from pipeline.rollout.stage import make_engine
+    from pipeline.engines.pool import make_engine
 
     by_task: dict[str, list[dict]] = {}
     for p in problems:

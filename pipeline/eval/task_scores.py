@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from pipeline.objectives import build_objectives
-from pipeline.rollout.episodes import run_episodes
+from pipeline.engines.episodes import run_episodes
 from pipeline.tasks import get_task
 
 

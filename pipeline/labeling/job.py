@@ -20,7 +20,7 @@ from pipeline.data.stream import read_dataset
 from pipeline.labeling.steps import DEFAULT_METHOD, label_objective
 from pipeline.models.registry import resolve_model
 from pipeline.objectives import build_objectives
-from pipeline.rollout.stage import map_with_engine
+from pipeline.engines.pool import map_with_engine
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import MCConfig
-from pipeline.rollout.episodes import stable_seed
+from pipeline.data.hashing import stable_seed
 
 DEFAULT_METHOD = {"verifiable": "mc", "judged": "judge_mc", "dialogue": "dialogue_prefix"}
 

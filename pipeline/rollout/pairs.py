@@ -10,7 +10,7 @@
     pairs       per problem and objective: the best candidate against the worst,
                 kept when the score margin reaches `min_margin`.
 Existing per-objective preference data (TRL formats) joins as it is. Then the
-SFT model's log-probs are added (pipeline.train.ref_logps) unless disabled.
+SFT model's log-probs are added (pipeline.models.ref_logps) unless disabled.
 
 Output: `<out_dir>/pairs-00000.parquet` (preference schema), `_ref_logps.json`, `_summary.json`;
 `_candidates.parquet` keeps the scored candidates, so a rerun skips generation.
@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rollout.episodes import stable_seed
+from pipeline.data.hashing import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ def run_build_pairs(cfg) -> dict:
     from pipeline.data.io import read_records, write_records
     from pipeline.models.prm import PRMScorer
     from pipeline.models.registry import resolve_model
-    from pipeline.rollout.stage import map_with_engine
+    from pipeline.engines.pool import map_with_engine
     from pipeline.tasks import get_task
-    from pipeline.train.ref_logps import RefLogps, write_meta
+    from pipeline.models.ref_logps import RefLogps, write_meta
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ verdict where the task has a verifiable objective."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
@@ -16,13 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RolloutJobConfig
+from pipeline.data.hashing import stable_digest
 from pipeline.data.io import read_records
 from pipeline.data.shards import ShardReport, pending, write_by_shard
 from pipeline.data.schemas import schema_for
 from pipeline.models.registry import resolve_model
 from pipeline.objectives import build_objectives
-from pipeline.rollout.episodes import run_episodes
-from pipeline.rollout.stage import map_with_engine
+from pipeline.engines.episodes import run_episodes
+from pipeline.engines.pool import map_with_engine
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _plan(table: pa.Table, cfg: RolloutJobConfig, out: Path) -> None:
     """A resumed run must cut the same shards: same problems, same shard size, same samples."""
     ids = table.column("id").to_pylist()
     plan = {"n_problems": len(ids), "shard_size": cfg.shard_size, "n_samples": cfg.n_samples,
-            "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+            "ids": stable_digest("\n".join(ids))}
     f = out / "_plan.json"
     if f.exists() and json.loads(f.read_text()) != plan:
         raise ValueError(f"{out} holds a rollout of other problems or settings ({f}); use a new out_dir")

@@ -102,7 +102,7 @@ class PresetLM:
 
     def __init__(self, model_dir: str, engine: dict):
         from pipeline.config import EngineConfig
-        from pipeline.rollout.stage import make_engine
+        from pipeline.engines.pool import make_engine
 
         spec = EngineConfig.model_validate(engine)
         os.environ.update(spec.env)

@@ -1,4 +1,4 @@
-"""DPO losses and sequence log-probabilities (shared by MAH-DPO and its single-head baselines).
+"""DPO losses (shared by MAH-DPO and its single-head baselines; log-probs: pipeline.models.logps).
 
     h      = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
     sigmoid  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = label_smoothing, cDPO)
@@ -16,29 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.tokenize import IGNORE
-
 LOSS_TYPES = ("sigmoid", "ipo")
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over labelled (non -100) tokens, one value per row; logits [B, T, V]."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    tgt = labels.clamp(min=0)
-    # log_softmax in float32: bf16 log-probs summed over hundreds of tokens lose the margin.
-    lp = torch.gather(logits.float().log_softmax(-1), 2, tgt.unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1)
-
-
-def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sequence_logps of a Hugging Face causal LM, with logits only from the batch's first labelled
-    position on (`logits_to_keep`): the prompt span every row shares never reaches the vocabulary."""
-    labelled = labels != IGNORE
-    first = int(labelled.float().argmax(1).min()) if bool(labelled.any(1).all()) else 0
-    keep = labels.shape[1] - max(first - 1, 0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    return sequence_logps(logits, labels[:, -keep:])
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",

@@ -12,8 +12,8 @@ jobs.ref_logps); where a row lacks them, the worker computes them with the SFT
 model, which is the reference policy of every head.
 
 Methods: `mahdpo` (one head per objective), `single` (one head, DPO on the pooled pairs,
-the same truncated pairs), `soup` (one single-head DPO model per objective; `merge_soup`
-averages their weights), `modpo` (one head, MODPO for one weight vector on the pooled
+the same truncated pairs), `soup` (one single-head DPO model per objective;
+`pipeline.models.soup.merge_soup` averages their weights), `modpo` (one head, MODPO for one weight vector on the pooled
 pairs of the objectives it weights: each pair's margin comes from its responses' scores
 on the other objectives).
 """
@@ -26,13 +26,14 @@ import logging
 import random
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.models.collate import PairCollate
+from pipeline.models.logps import causal_lm_logps
 from pipeline.models.multihead import MultiHeadPolicy, load_checked
-from pipeline.models.tokenize import IGNORE, encode_pair
-from pipeline.train.dpo_losses import causal_lm_logps, dpo_loss, modpo_loss, per_head_loss
+from pipeline.models.tokenize import encode_pair
+from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss
 from pipeline.train.harness import FitResult, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -90,31 +91,6 @@ def tokenize_groups(batch: pa.Table, model_dir: str, max_length: int, max_prompt
     for k in ("head", "objective_id", "ref_chosen", "ref_rejected", "modpo_scale", "modpo_margin"):
         out[k] = batch.column(k)
     return pa.table(out)
-
-
-class PairCollate:
-    """Flattens groups into [chosen..., rejected...] rows, right-padded."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        flat = lambda k: [x for g in batch[k] for x in g]  # noqa: E731
-        seqs = flat("chosen_ids") + flat("rejected_ids")
-        labs = flat("chosen_labels") + flat("rejected_labels")
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        labels = np.full((len(seqs), width), IGNORE, dtype=np.int64)
-        att = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, (s, lab) in enumerate(zip(seqs, labs)):
-            ids[i, : len(s)], labels[i, : len(s)], att[i, : len(s)] = s, lab, 1
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(att),
-                "head": torch.tensor(flat("head"), dtype=torch.long),
-                "objective_id": torch.tensor(flat("objective_id"), dtype=torch.long),
-                # per-pair values, NaN where absent: reference log-probs not cached, plain DPO (not MODPO)
-                **{k: torch.tensor(flat(k) if k in batch else [float("nan")] * (len(seqs) // 2), dtype=torch.float32)
-                   for k in ("ref_chosen", "ref_rejected", "modpo_scale", "modpo_margin")}}
 
 
 @functools.lru_cache(maxsize=1)
@@ -232,22 +208,6 @@ def check_ref_meta(paths: list[str], model_dir: str, dpo) -> None:
             raise ValueError(f"{f}: the cached reference log-probs were computed with other settings "
                              f"{ {k: a for k, (a, _) in bad.items()} } than this run's { {k: b for k, (_, b) in bad.items()} }; "
                              "rerun jobs.build_pairs with the same dpo settings, or set dpo.recompute_ref: true")
-
-
-def merge_soup(dirs: list[str], weights: list[float], out_dir: str | None = None) -> MultiHeadPolicy:
-    """DPO soup: the weighted average of single-head policies' parameters (one per objective)."""
-    from pipeline.models.multihead import validate_weights
-
-    w = validate_weights(weights, [str(i) for i in range(len(dirs))])
-    models = [MultiHeadPolicy.load(d) for d in dirs]
-    merged = models[0]
-    states = [m.state_dict() for m in models]
-    with torch.no_grad():
-        avg = {k: sum(wi * s[k].float() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
-    merged.load_state_dict(avg)
-    if out_dir:
-        merged.save(out_dir, tokenizer=_tokenizer(dirs[0]))
-    return merged
 
 
 def modpo_terms(rows: list[dict], weights: dict[str, float]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import hashlib
 import json
 import math
 import random
@@ -20,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.data.hashing import stable_hash
+from pipeline.models.collate import PRMCollate
 from pipeline.models.prm import DEFAULT_SEPARATOR, VectorPRM, build_prm, encode_steps
 from pipeline.train.prm_losses import bradley_terry, combine, masked_step_losses, outcome_pairs
 from pipeline.train.harness import FitResult, TrainSpec
@@ -60,35 +61,9 @@ def tokenize_prm(batch: pa.Table, model_dir: str, separator: str, max_length: in
         "input_ids": pa.array([e["input_ids"] for e in enc], pa.list_(pa.int32())),
         "positions": pa.array([e["positions"] for e in enc], pa.list_(pa.int32())),
         "labels": pa.array([[x for row in e["labels"] for x in row] for e in enc], pa.list_(pa.float32())),
-        # hashlib, not hash(): str hashes are salted per process, and workers must agree
-        "prompt_hash": pa.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=7).digest(), "little")
-                                 for k in keys], pa.int64()),
+        # stable_hash, not hash(): str hashes are salted per process, and workers must agree
+        "prompt_hash": pa.array([stable_hash(k, 7) for k in keys], pa.int64()),
     })
-
-
-class PRMCollate:
-    def __init__(self, pad_id: int, n_objectives: int):
-        self.pad_id, self.n = pad_id, n_objectives
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        ids, pos = batch["input_ids"], batch["positions"]
-        width, steps = max(len(x) for x in ids), max(1, max(len(p) for p in pos))
-        b = len(ids)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        att = torch.zeros((b, width), dtype=torch.long)
-        positions = torch.zeros((b, steps), dtype=torch.long)
-        step_mask = torch.zeros((b, steps))
-        labels = torch.full((b, steps, self.n), float("nan"))
-        for i in range(b):
-            input_ids[i, : len(ids[i])] = torch.as_tensor(np.array(ids[i]))
-            att[i, : len(ids[i])] = 1
-            k = len(pos[i])
-            positions[i, :k] = torch.as_tensor(np.array(pos[i]))
-            step_mask[i, :k] = 1
-            if k:
-                labels[i, :k] = torch.as_tensor(np.asarray(batch["labels"][i], dtype=np.float32)).view(k, self.n)
-        return {"input_ids": input_ids, "attention_mask": att, "positions": positions, "step_mask": step_mask,
-                "labels": labels, "prompt_hash": torch.as_tensor(np.asarray(batch["prompt_hash"], dtype=np.int64))}
 
 
 def prm_loss(model, batch, objectives: list[str], kinds: list[str], weights: list[float]):

@@ -31,7 +31,7 @@ def step_features(model, tok, examples: list[dict], max_length: int, batch_size:
     from tqdm import tqdm
 
     from pipeline.models.prm import encode_steps
-    from pipeline.train.prm import PRMCollate
+    from pipeline.models.collate import PRMCollate
 
     dev = next(model.parameters()).device
     collate = PRMCollate(tok.pad_token_id if tok.pad_token_id is not None else 0, len(model.objectives))

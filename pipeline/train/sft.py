@@ -17,7 +17,7 @@ from pipeline.data.stream import quarantine_count, read_dataset
 from pipeline.models.checkpoint import load_causal_lm, load_tokenizer, save_pretrained
 from pipeline.models.registry import resolve_model
 from pipeline.models.tokenize import encode_prompt_completion
-from pipeline.train.batching import PadCollate
+from pipeline.models.collate import PadCollate
 from pipeline.train.harness import FitResult, TrainSpec, fit
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ CUDA vLLM (clusters); what differs (KV-cache size, GPU memory share, threads) co
 from config (`engine_args`, passed to `vllm.LLM` as they are).
 
 One engine is started once and reused: inside a Ray Data actor-pool worker for
-batch work (pipeline.rollout.stage), or in process. New weights go into the running
+batch work (pipeline.engines.pool), or in process. New weights go into the running
 engine from a safetensors checkpoint, without a restart; the prefix cache is reset
 with them, so no KV computed by the old weights is reused.
 """
@@ -47,7 +47,7 @@ class VLLMEngine:
         check_safetensors(model_dir)
         args = {"enable_prefix_caching": True, **(engine_args or {})}
         self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       worker_extension_cls="pipeline.rollout.vllm_engine.WeightReloader", **args)
+                       worker_extension_cls="pipeline.engines.vllm_engine.WeightReloader", **args)
         self.tokenizer = self.llm.get_tokenizer()
         self.model_dir = model_dir
 

@@ -4,15 +4,10 @@ until the family says the episode is done or `max_turns` is reached."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
+from pipeline.data.hashing import stable_seed
 from pipeline.tasks import TaskFamily
-
-
-def stable_seed(*parts) -> int:
-    """A seed from any values, the same in every process and run (Python's hash() is salted)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
 def run_episodes(task: TaskFamily, problems: list[dict], engine, *, user=None, n: int = 1, temperature: float = 0.0,

@@ -14,11 +14,11 @@ from pipeline.config import EngineConfig
 
 def make_engine(spec: EngineConfig, model_dir: str):
     if spec.kind == "vllm":
-        from pipeline.rollout.vllm_engine import VLLMEngine
+        from pipeline.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_dir, dtype=spec.dtype, max_model_len=spec.max_model_len, engine_args=spec.engine_args)
     if spec.kind == "transformers":
-        from pipeline.rollout.hf_engine import TransformersEngine
+        from pipeline.engines.hf_engine import TransformersEngine
 
         return TransformersEngine(model_dir, spec.dtype, batch_size=spec.batch_size)
     from pipeline.objectives.judges import import_callable

@@ -33,8 +33,8 @@ class RefLogps:
 
     @torch.no_grad()
     def logps(self, rows: list[dict]) -> tuple[list[float], list[float]]:
-        from pipeline.train.mahdpo import PairCollate
-        from pipeline.train.dpo_losses import causal_lm_logps
+        from pipeline.models.collate import PairCollate
+        from pipeline.models.logps import causal_lm_logps
 
         collate = PairCollate(self.tok.pad_token_id)
         chosen, rejected = [], []

@@ -1,0 +1,86 @@
+"""Turning tokenised rows into padded tensors: SFT rows (PadCollate), preference pairs
+(PairCollate: training and the cached reference log-probs), PRM examples (PRMCollate: training,
+the linear probe, evaluation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.models.tokenize import IGNORE
+
+
+class PadCollate:
+    """Right-pads `input_ids` (with `pad_id`) and `labels` (with -100) to the longest row
+    of the micro-batch, and builds the attention mask. Other numeric columns pass through."""
+
+    def __init__(self, pad_id: int, keys_to_pad: tuple[str, ...] = ("input_ids", "labels")):
+        self.pad_id, self.keys = pad_id, keys_to_pad
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"]
+        width = max(len(x) for x in ids)
+        out: dict[str, torch.Tensor] = {}
+        for key in self.keys:
+            if key not in batch:
+                continue
+            fill = self.pad_id if key == "input_ids" else IGNORE
+            arr = np.full((len(ids), width), fill, dtype=np.int64)
+            for i, row in enumerate(batch[key]):
+                arr[i, : len(row)] = row
+            out[key] = torch.from_numpy(arr)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for i, row in enumerate(ids):
+            mask[i, : len(row)] = 1
+        out["attention_mask"] = torch.from_numpy(mask)
+        return out
+
+
+class PairCollate:
+    """Flattens groups into [chosen..., rejected...] rows, right-padded."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        flat = lambda k: [x for g in batch[k] for x in g]  # noqa: E731
+        seqs = flat("chosen_ids") + flat("rejected_ids")
+        labs = flat("chosen_labels") + flat("rejected_labels")
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+        att = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, (s, lab) in enumerate(zip(seqs, labs)):
+            ids[i, : len(s)], labels[i, : len(s)], att[i, : len(s)] = s, lab, 1
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "attention_mask": torch.from_numpy(att),
+                "head": torch.tensor(flat("head"), dtype=torch.long),
+                "objective_id": torch.tensor(flat("objective_id"), dtype=torch.long),
+                # per-pair values, NaN where absent: reference log-probs not cached, plain DPO (not MODPO)
+                **{k: torch.tensor(flat(k) if k in batch else [float("nan")] * (len(seqs) // 2), dtype=torch.float32)
+                   for k in ("ref_chosen", "ref_rejected", "modpo_scale", "modpo_margin")}}
+
+
+class PRMCollate:
+    def __init__(self, pad_id: int, n_objectives: int):
+        self.pad_id, self.n = pad_id, n_objectives
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids, pos = batch["input_ids"], batch["positions"]
+        width, steps = max(len(x) for x in ids), max(1, max(len(p) for p in pos))
+        b = len(ids)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        att = torch.zeros((b, width), dtype=torch.long)
+        positions = torch.zeros((b, steps), dtype=torch.long)
+        step_mask = torch.zeros((b, steps))
+        labels = torch.full((b, steps, self.n), float("nan"))
+        for i in range(b):
+            input_ids[i, : len(ids[i])] = torch.as_tensor(np.array(ids[i]))
+            att[i, : len(ids[i])] = 1
+            k = len(pos[i])
+            positions[i, :k] = torch.as_tensor(np.array(pos[i]))
+            step_mask[i, :k] = 1
+            if k:
+                labels[i, :k] = torch.as_tensor(np.asarray(batch["labels"][i], dtype=np.float32)).view(k, self.n)
+        return {"input_ids": input_ids, "attention_mask": att, "positions": positions, "step_mask": step_mask,
+                "labels": labels, "prompt_hash": torch.as_tensor(np.asarray(batch["prompt_hash"], dtype=np.int64))}
