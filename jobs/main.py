@@ -28,7 +28,7 @@ from pipeline.data import read_records, write_records
 from pipeline.models.registry import resolve_model
 from pipeline.runtime import init_ray
 from pipeline.stages import StageRunner, write_report
-from pipeline.tasks import write_builtin
+from pipeline.tasks import TASKS, check_shared, objective_ids, write_builtin
 from pipeline.train.sft import run_sft
 
 
@@ -55,11 +55,20 @@ def subset(src: str, per_task: int, out: Path) -> str:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     cfg = parse_job_args(MainJobConfig, "main.yaml", argv)
+    shared = check_shared(cfg.shared_objectives)  # a typo fails here, not after an hour of stages
     run = Path(cfg.run_dir)
     dump_config(cfg, run / "config.yaml")
     stages = StageRunner(run)
     sz = cfg.sizes
     storage = str((run / "ray").resolve())
+
+    # Each stage's fingerprint: the settings it reads and the stages whose results it reads (a change
+    # redoes the stage and every later one; its old outputs, Ray Train checkpoints included, go to previous/)
+    def sizes(*keys: str) -> dict:
+        return {f"sizes.{k}": getattr(sz, k) for k in keys}
+
+    def fits(pattern: str) -> list[Path]:
+        return sorted(Path(storage).glob(pattern))
 
     def release(pattern: str) -> None:
         """A finished fit's Ray Train checkpoints, once its stage is done (its export is what is used)."""
@@ -67,16 +76,18 @@ def main(argv: list[str] | None = None) -> dict:
             for d in Path(storage).glob(pattern):
                 shutil.rmtree(d, ignore_errors=True)
 
-    base = stages.run("base_model", lambda: {"model_dir": resolve_model(cfg.model.name_or_path)})
+    base = stages.run("base_model", lambda: {"model_dir": resolve_model(cfg.model.name_or_path)},
+                      config={"model.name_or_path": cfg.model.name_or_path})
     data = stages.run("tasks", lambda: write_builtin(run / "data", cfg.tasks.n_train, cfg.tasks.n_eval, cfg.tasks.seed,
-                                                  cfg.tasks.names))
+                                                  cfg.tasks.names), config={"tasks": cfg.tasks}, outputs=[run / "data"])
     init_ray(cfg.ray)
 
     def sft_stage() -> dict:
         r = run_sft(sft_config(cfg, base["model_dir"], data["sft_train"]))
         return {"model_dir": r.export_dir, "steps": r.step, "metrics": r.metrics}
 
-    sft = stages.run("sft", sft_stage)
+    sft = stages.run("sft", sft_stage, config={"model": cfg.model, "sft": cfg.sft, "train": cfg.train},
+                     inputs=["base_model", "tasks"], outputs=[run / "sft", *fits("sft")])
     release("sft")
     sft_dir = sft["model_dir"]
 
@@ -89,12 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
                                          sampling={"temperature": 1.0, "top_k": 50, "seed": 0}, ray=cfg.ray))
         return {"dir": str(run / "rollout"), "problems": probs, "trajectories": r.rows}
 
-    rollout = stages.run("rollout", rollout_stage)
+    rollout = stages.run("rollout", rollout_stage, config={**sizes("rollout_problems", "rollout_samples"),
+                                                           "engine": cfg.engine},
+                         inputs=["tasks", "sft"], outputs=[run / "rollout"])
 
     def label_stage() -> dict:
         from pipeline.labeling.demos import demo_trajectories
         from pipeline.labeling.job import run_labeling, summarize
-        from pipeline.tasks import TASKS
 
         trajs = [rollout["dir"]]
         if sz.demo_trajectories:
@@ -102,15 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
                                       read_records([data["sft_train"]], "sft")[0].to_pylist(), sz.demo_trajectories)
             trajs.append(str(Path(write_records(demos, run / "demo_trajectories" / "demos-00000.parquet",
                                                 "trajectory")).parent))
-        judged = {o["name"]: sz.judged_labels for t in TASKS.values() for o in t.objectives if o["kind"] == "judged"}
         d = run / "labels"
         run_labeling(LabelJobConfig(model=ModelConfig(name_or_path=sft_dir), trajectories=trajs,
-                                    problems=[data["problems_train"]], method=judged,
+                                    problems=[data["problems_train"]], method=judged_methods(sz.judged_labels, shared),
+                                    shared_objectives=shared,
                                     mc=MCConfig(k=sz.label_k, max_tokens=sz.label_max_tokens),
                                     engine=cfg.engine, out_dir=str(d), ray=cfg.ray))
         return {"dirs": [str(d)], "summary": {str(d): summarize(str(d))}}
 
-    labels = stages.run("label_steps", label_stage)
+    labels = stages.run("label_steps", label_stage,
+                        config={**sizes("demo_trajectories", "judged_labels", "label_k", "label_max_tokens"),
+                                "shared_objectives": shared, "engine": cfg.engine},
+                        inputs=["tasks", "sft", "rollout"], outputs=[run / "labels", run / "demo_trajectories"])
 
     def prm_stage() -> dict:
         from pipeline.train.prm import run_fit_prm
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      train=cfg.prm_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
         return {"model_dir": r.export_dir, "steps": r.step, "metrics": r.metrics}
 
-    prm = stages.run("fit_prm", prm_stage)
+    prm = stages.run("fit_prm", prm_stage, config={"prm_train": cfg.prm_train}, inputs=["sft", "label_steps"],
+                     outputs=[run / "prm", *fits("prm")])
     release("prm")
 
     def pairs_stage() -> dict:
@@ -132,11 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
         return run_build_pairs(PairsJobConfig(
             model=ModelConfig(name_or_path=sft_dir), problems=[probs], prm=prm["model_dir"],
             n_candidates=sz.pair_candidates, min_margin=sz.min_margin, score_with_objective=sz.score_with_objective,
+            shared_objectives=shared,
             engine=cfg.engine, dpo=cfg.dpo, out_dir=str(run / "pairs"), ray=cfg.ray,
             ref_num_cpus=ray.cluster_resources().get("CPU", 1),  # scoring runs alone: every CPU of the local Ray
             sampling={"temperature": 1.0, "top_k": 50, "seed": 1}))
 
-    pairs = stages.run("build_pairs", pairs_stage)
+    pairs = stages.run("build_pairs", pairs_stage,
+                       config={**sizes("pair_problems", "pair_candidates", "min_margin", "score_with_objective"),
+                               "shared_objectives": shared, "engine": cfg.engine, "dpo": cfg.dpo},
+                       inputs=["tasks", "sft", "fit_prm"], outputs=[run / "pairs"])
 
     def policy_stage(method: str) -> dict:
         from pipeline.train.mahdpo import run_fit_policy
@@ -153,7 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     policies = {}
     for m in ("mahdpo", "single", "soup", "modpo"):
-        policies[m] = stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m))
+        policies[m] = stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m),
+                                 config={"dpo": cfg.dpo, "policy_train": cfg.policy_train},
+                                 inputs=["sft", "build_pairs"],
+                                 outputs=[run / f"policy_{m}", *fits(f"policy-{m}*")])
         release(f"policy-{m}*")
 
     def eval_stage() -> dict:
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                   if sz.guided_problems else None)
         out = run_eval(EvalJobConfig(
             problems=[data["problems_eval"]], n_per_task=sz.eval_per_task, sweep_points=sz.sweep_points,
-            engine=cfg.engine, out_dir=str(run / "eval"), guided=guided, ray=cfg.ray, policies=[
+            engine=cfg.engine, out_dir=str(run / "eval"), guided=guided, shared_objectives=shared, ray=cfg.ray, policies=[
                 {"name": "base", "kind": "hf", "path": base["model_dir"]},
                 {"name": "sft", "kind": "hf", "path": sft_dir},
                 {"name": "single-head DPO", "kind": "multihead", "path": policies["single"]["single"]["model_dir"]},
@@ -176,7 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
                  "sweep": True}]))
         return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"]}
 
-    ev = stages.run("eval", eval_stage)
+    ev = stages.run("eval", eval_stage,
+                    config={**sizes("eval_per_task", "sweep_points", "sweep_soup", "guided_problems",
+                                    "guided_candidates"),
+                            "shared_objectives": shared, "engine": cfg.engine},
+                    inputs=["base_model", "tasks", "sft", "fit_prm", *(f"fit_policy_{m}" for m in policies)],
+                    outputs=[run / "eval"])
 
     def serve_stage() -> dict:
         import socket
@@ -198,9 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             serve.shutdown()  # the HTTP proxy too, so a later Serve start gets its own options
 
-    served = stages.run("serve", serve_stage) if cfg.serve_check else {}
+    served = stages.run("serve", serve_stage, inputs=["fit_prm", "fit_policy_mahdpo"],
+                        outputs=[run / "serve"]) if cfg.serve_check else {}
 
-    agreement = pair_agreement_of(run / "pairs", data["problems_train"])
+    agreement = pair_agreement_of(run / "pairs", data["problems_train"], shared)
     report = write_report(run, stages.timings, report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies,
                                                                ev, served))
     for p in ev.get("plots", []):  # plots beside the report, so its image links work
@@ -220,7 +249,7 @@ def diagnosis(rows: list[dict], agreement: dict, policies: dict, pairs: dict) ->
     lines = [
         f"- Floor: the SFT policy scores 0 on {sum(r['mean'] == 0 for r in sft)} of {len(sft)} (task, objective) "
         f"cells, and {len(zero)} of {len(plain)} evaluation cells are 0 (SFT means: "
-        + ", ".join(f"{r['task']}/{r['objective']} {r['mean']:.3f}" for r in sft) + "). A finding needs a score "
+        + ", ".join(f"{_cell(r)} {r['mean']:.3f}" for r in sft) + "). A finding needs a score "
         "that can move; where every policy scores 0 there is nothing to improve or trade.",
         f"- Pairs: of {sum(tot.values())} pairs the PRM chose, the task's own verifier / judge prefers the chosen "
         f"response in {tot['agree']}, is indifferent in {tot['tie']} and prefers the rejected one in "
@@ -235,11 +264,46 @@ def diagnosis(rows: list[dict], agreement: dict, policies: dict, pairs: dict) ->
     return "\n".join(lines)
 
 
-def pair_agreement_of(pairs_dir: Path, problems: str) -> dict:
+def _cell(row: dict) -> str:
+    """`task/name` of an evaluation row; its objective id already holds the task unless shared."""
+    o = row["objective"]
+    return o if o.startswith(f"{row['task']}/") else f"{row['task']}/{o}"
+
+
+def pair_agreement_of(pairs_dir: Path, problems: str, shared=()) -> dict:
     from pipeline.rollout.pairs import pair_agreement
 
     pairs = read_records([str(pairs_dir)], "preference")[0].to_pylist()
-    return pair_agreement(pairs, {p["id"]: p for p in read_records([problems], "problem")[0].to_pylist()})
+    return pair_agreement(pairs, {p["id"]: p for p in read_records([problems], "problem")[0].to_pylist()}, shared)
+
+
+def judged_methods(method: str, shared) -> dict[str, str]:
+    """LabelJobConfig.method for the judged objectives, by id. A shared id with a dialogue member
+    (tutoring's engagement) takes judge_prefix (a dialogue's prefix is judged the same way), never judge_mc."""
+    kinds: dict[str, set] = {}
+    for t in TASKS.values():
+        for o in t.objectives:
+            kinds.setdefault(t.objective_ids(shared)[o["name"]], set()).add(o["kind"])
+    return {i: method for i, k in kinds.items()
+            if k == {"judged"} or (method == "judge_prefix" and k == {"judged", "dialogue"})}
+
+
+def objectives_section(cfg, labels: dict) -> str:
+    """Which objectives are shared across families, and every objective id with its labels' kind and mean."""
+    shared = cfg.shared_objectives
+    fams: dict[str, list[str]] = {}
+    for (t, _), i in objective_ids(shared, cfg.tasks.names or None).items():
+        fams.setdefault(i, []).append(t)
+    summary = {o: v for s in labels["summary"].values() for o, v in s.items()}
+    lines = [f"Shared objectives: {', '.join(shared) if shared else 'none'} (`shared_objectives`; an objective "
+             "not shared is its family's own: one PRM output and one policy head per `<family>/<name>`).", "",
+             "| objective id | families | label kind | labelled steps | label mean |", "|---|---|---|---:|---:|"]
+    for i, ts in sorted(fams.items()):
+        s = summary.get(i, {})
+        n = s.get("steps", 0) - s.get("unlabelled", 0)
+        lines.append(f"| {i} | {', '.join(ts)} | {s.get('label_kind', '-')} | {n} | "
+                     + (f"{s['mean']:.3f} |" if s else "- |"))
+    return "\n".join(lines)
 
 
 def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, ev, served) -> dict[str, str]:
@@ -252,6 +316,7 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
     sections = {
         "SFT": f"{sft['steps']} optimizer steps; final train loss {m.get('loss', float('nan')):.4f}, "
                f"held-out loss {m.get('eval/loss', float('nan')):.4f}. Model: `{sft['model_dir']}`.",
+        "Objectives": objectives_section(cfg, labels),
         "Rollout and step labels": f"{rollout['trajectories']} trajectories; labels: "
                                    f"`{json.dumps(labels['summary'])}`",
         "PRM": f"{prm['steps']} steps; held-out steps, against the trivial baselines (AUROC 0.5, predicting "

@@ -213,9 +213,12 @@ class LabelJobConfig(Strict):
     problems: list[str] = Field(default_factory=list)  # for references and metadata
     # Objectives to label, by name, per task; empty: every objective of each built-in task.
     objectives: dict[str, list[str]] = Field(default_factory=dict)
+    # Objective names one PRM output / policy head serves for every family that has them; every other
+    # objective is `<family>/<name>` (pipeline.objectives.registry.objective_id). Empty: none shared.
+    shared_objectives: list[str] = Field(default_factory=list)
     # Objectives declared here (a callable or a rubric) join the task's built-in ones.
     extra_objectives: dict[str, list[ObjectiveSpec]] = Field(default_factory=dict)
-    # How each objective is labelled, by name; default by kind: verifiable -> mc,
+    # How each objective is labelled, by id (or a bare name that names one objective); default by kind: verifiable -> mc,
     # judged -> judge_mc, dialogue -> dialogue_prefix. `outcome` keeps one label per response (Bradley-Terry).
     method: dict[str, Literal["mc", "judge_mc", "judge_prefix", "dialogue_prefix", "outcome"]] = Field(default_factory=dict)
     mc: MCConfig = Field(default_factory=MCConfig)
@@ -249,9 +252,11 @@ class PRMJobConfig(Strict):
 
 class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)  # the paper's value in every domain
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo: on length-averaged log-probs, as TRL (docs/policy.md)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO; sigmoid loss only
     max_length: int = Field(512, ge=8)
+    # over-long pairs drop whole earliest prompt turns down to this; a pair whose last user turn alone
+    # does not fit is refused and counted (<output_dir>/tokenization.json), never cut mid-turn
     max_prompt_length: int = Field(256, ge=4)
     noise_std: float = Field(1e-3, ge=0)  # head init: SFT head + noise_std * N(0, 1), seeded per head
     # 0: full heads (the paper). r > 0: low-rank heads, SFT head (frozen) + a trained rank-r change per
@@ -318,7 +323,8 @@ class PairsJobConfig(Strict):
     aggregate_per_objective: dict[str, Literal["last", "mean", "min"]] = Field(default_factory=dict)
     # Score these objectives with the task's own verifier / judge instead of the PRM.
     score_with_objective: list[str] = Field(default_factory=list)
-    min_margin: float = Field(0.1, ge=0)  # chosen_score - rejected_score must reach it
+    shared_objectives: list[str] = Field(default_factory=list)  # as in LabelJobConfig; the same in every stage
+    min_margin: float = Field(0.1, ge=0)  # chosen_score - rejected_score must reach it (PRM rewards, verifiers, judges: [0, 1])
     # Existing per-objective preference data (TRL formats): {objective: data}.
     preferences: dict[str, DataConfig] = Field(default_factory=dict)
     ref_logps: bool = True  # store the SFT model's log-probs in the shards (the trainer then holds no reference)
@@ -400,6 +406,7 @@ class EvalJobConfig(Strict):
     temperature: float = Field(0.0, ge=0)  # 0: greedy
     engine: EngineConfig = Field(default_factory=EngineConfig)
     guided: GuidedEvalConfig | None = None
+    shared_objectives: list[str] = Field(default_factory=list)  # as in LabelJobConfig; the same in every stage
     out_dir: str = "runs/eval"
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -440,6 +447,7 @@ class MainJobConfig(Strict):
     policy_train: TrainConfig = Field(default_factory=TrainConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     serve_check: bool = True
+    shared_objectives: list[str] = Field(default_factory=list)  # as in LabelJobConfig; the same in every stage
     # Ray Train checkpoints of finished fits (DeepSpeed state with the optimizer's: ~2 GB each for
     # SmolLM2, ~20 GB per run in all). Only an interrupted fit needs them; later stages read the exports.
     keep_train_checkpoints: bool = False
@@ -555,6 +563,20 @@ def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[st
 
 
 def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
-    """Write the resolved config (what actually ran) as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    """Write the resolved config (what actually ran) as YAML. A different earlier config at `path`
+    is kept as `configs/config-<its UTC write time>.yaml` beside it, not overwritten."""
+    import shutil
+    import time
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    if p.exists() and p.read_text() != text:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(p.stat().st_mtime))
+        old, n = p.parent / "configs" / f"{p.stem}-{stamp}{p.suffix}", 1
+        while old.exists():
+            n += 1
+            old = old.with_name(f"{p.stem}-{stamp}-{n}{p.suffix}")
+        old.parent.mkdir(exist_ok=True)
+        shutil.copy2(p, old)
+    p.write_text(text)

@@ -12,17 +12,31 @@ import glob  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _mapped_shm() -> set[str]:
+    """/dev/shm files some live process still maps or holds open (another test session's engine)."""
+    live = set()
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(f"{proc}/maps") as f:
+                live.update(line.split(maxsplit=5)[-1].strip() for line in f if "/dev/shm/" in line)
+            live.update(os.readlink(fd) for fd in glob.glob(f"{proc}/fd/*") if "/dev/shm/" in os.readlink(fd))
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return live
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _clean_shared_memory():
-    """vLLM engines killed with their Ray actors leave /dev/shm/psm_* segments; remove ours."""
+    """vLLM engines killed with their Ray actors leave /dev/shm/psm_* segments; remove the ones this
+    session left behind, never one a live process (another session on the machine) still uses."""
     before = set(glob.glob("/dev/shm/psm_*")) | set(glob.glob("/dev/shm/sem.mp-*"))
     yield
-    for f in set(glob.glob("/dev/shm/psm_*")) | set(glob.glob("/dev/shm/sem.mp-*")):
-        if f not in before:
-            try:
-                os.remove(f)
-            except OSError:
-                pass
+    new = (set(glob.glob("/dev/shm/psm_*")) | set(glob.glob("/dev/shm/sem.mp-*"))) - before
+    for f in new - _mapped_shm():
+        try:
+            os.remove(f)
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +107,19 @@ def steerable_policy(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("steerable") / "policy"
     policy.save(out, tok)
     return str(out), tok.decode([a]), tok.decode([b])
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests (tests/test_gpu.py; run them with `pytest -m gpu`) skip, saying why, where
+    torch sees no CUDA device. torch is imported only when such a test was collected."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False (no CUDA device or a CPU build "
+                                  f"of torch {torch.__version__}); run on a GPU machine with `pytest -m gpu`")
+    for item in gpu_items:
+        item.add_marker(why)

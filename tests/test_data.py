@@ -176,8 +176,12 @@ def test_ultrafeedback_and_math_converters(tmp_path):
     pairs, skipped = ultrafeedback_pairs(rows, ["helpfulness", "truthfulness"])
     assert [(p["objective"], p["chosen"], p["rejected"]) for p in pairs] == [("helpfulness", "7", "9"),]
     assert skipped == {"too_few_rated": 0, "margin": 3}  # truthfulness 5 vs 5, and both aspects of "Say hi."
-    # MODPO's margins: both responses' ratings on every aspect rated for both ("9" has no truthfulness rating)
-    assert pairs[0]["scores"] == [{"objective": "helpfulness", "chosen": 5, "rejected": 2}]
+    # MODPO's margins: both responses' ratings on every aspect rated for both ("9" has no truthfulness rating),
+    # mapped from 1-5 onto the PRM rewards' [0, 1] scale
+    assert pairs[0]["scores"] == [{"objective": "helpfulness", "chosen": 1.0, "rejected": 0.25}]
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (1.0, 0.25)
+    with pytest.raises(RecordError, match=r"Rating.*'7' is outside"):
+        ultrafeedback_pairs([{"instruction": "x", "completions": [comp("a", 7, "5"), comp("b", 1, "5")]}], ["helpfulness"])
     with pytest.raises(RecordError, match="row 0: field 'completions.annotations.honesty'"):
         ultrafeedback_pairs(rows, ["honesty"])
     assert boxed_answer("so $x = \\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"

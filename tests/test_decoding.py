@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from pipeline.decoding.guided import guided_generate
@@ -48,6 +51,9 @@ class PreferLongest:
     def score_last(self, tok, prompt, prefix, candidates, max_length=4096):
         self.calls.append((list(prefix), list(candidates)))
         return torch.tensor([[float(len(c))] for c in candidates])
+
+    def to_rewards(self, raw):  # onto [0, 1], keeping the order (a sigmoid would tie long candidates at 1.0)
+        return raw / 1000
 
 
 def test_guided_decoding_keeps_the_candidate_the_prm_prefers(tiny_model_dir):
@@ -183,3 +189,92 @@ def test_screened_copy_of_the_heads_is_made_once_per_model(tiny_model_dir, monke
         policy.heads.add_(0.01)  # the heads changed: the copy is remade
     generate(policy, prompts, torch.rand(2, 3), **kw)
     assert len(made) == 2
+
+
+def _hard_and_soft_prm(tiny_model_dir, prompt, cands):
+    """A PRM with a soft objective (acc) and a hard one (eng, a logit) whose head is set by hand so
+    that on cands = [A, B]: raw A = (acc 0, eng logit 4), raw B = (acc 1, eng logit 1). By the raw sum A
+    wins (4 > 2: the logit dominates); by the mean of rewards B does ((1 + 0.73) / 2 > (0 + 0.98) / 2)."""
+    from pipeline.models.prm import build_prm, encode_steps
+
+    prm, ptok = build_prm(tiny_model_dir, ["acc", "eng"], {"acc": "soft", "eng": "hard"})
+    prm.eval()
+    with torch.no_grad():
+        h = []
+        for c in cands:  # the hidden state the head reads at each candidate's separator
+            enc = encode_steps(ptok, prompt, [c], prm.sep_id, 256)
+            h.append(prm.backbone(input_ids=torch.tensor([enc["input_ids"]])).last_hidden_state[0, enc["positions"][-1]])
+        d = h[0] - h[1]
+        unit = d / d.dot(d)  # unit . (h_A - h_B) = 1
+        for j, (gap, at_b) in enumerate([(-1.0, 1.0), (3.0, 1.0)]):  # (A - B, B) per objective
+            prm.head.weight[j] = gap * unit
+            prm.head.bias[j] = at_b - gap * unit.dot(h[1])
+    return prm, ptok
+
+
+def test_hard_and_soft_prm_ranks_by_the_weighted_mean_of_rewards(tiny_model_dir, tmp_path):
+    """Issue 17: guided decoding and pair selection compare objectives on the PRM's common scale
+    (hard: sigmoid of the logit; soft: the value), not the raw outputs where a logit head dominates."""
+    import pyarrow as pa
+
+    from pipeline.decoding.guided import PRMPrefix, combine
+    from pipeline.models.prm import PRMScorer
+    from pipeline.rollout.pairs import prm_response_scores, select_pairs
+    from pipeline.train.mahdpo import modpo_terms
+
+    prompt = [{"role": "user", "content": "What is 4 + 4?"}]
+    cands = ["Four and four make eight.", "It is 8."]
+    prm, ptok = _hard_and_soft_prm(tiny_model_dir, prompt, cands)
+    raw = prm.score_last(ptok, prompt, [], cands)
+    assert torch.allclose(raw, torch.tensor([[0.0, 4.0], [1.0, 1.0]]), atol=1e-3)
+    s = torch.sigmoid(torch.tensor([4.0, 1.0]))
+    want = torch.tensor([(0.0 + s[0]) / 2, (1.0 + s[1]) / 2])
+    assert int(torch.argmax(combine(raw, [0.5, 0.5]))) == 0  # the raw mix: the logit alone decides
+    # guided decoding, both scoring paths: the weighted mean of the rewards picks B
+    for rewards in (prm.rewards_last(ptok, prompt, [], cands), prm.to_rewards(PRMPrefix(prm, ptok, prompt).score(cands))):
+        scores = combine(rewards, [0.5, 0.5])
+        assert torch.allclose(scores, want, atol=1e-3) and int(torch.argmax(scores)) == 1
+
+    # guided_generate itself maps the PRM's raw outputs before mixing (a stand-in returning these raw rows)
+    class Fixed:
+        objectives, label_kinds, to_rewards = prm.objectives, prm.label_kinds, prm.to_rewards
+        seen = []
+
+        def score_last(self, tok, prompt, prefix, candidates, max_length=4096):
+            self.seen.append(list(candidates))
+            return torch.tensor([[0.0, 4.0], [1.0, 1.0], [0.0, 4.0]])
+
+    policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["acc", "eng"], noise_std=0.05).eval()
+    fixed = Fixed()
+    r = guided_generate(policy, load_tokenizer(tiny_model_dir), fixed, None, prompt, weights=[0.5, 0.5],
+                        prm_weights=[0.5, 0.5], candidates=3, max_steps=1, max_step_tokens=6, temperature=1.0, seed=1)
+    assert r.steps == [fixed.seen[0][1]] and r.step_scores[0] == pytest.approx(float(want[1]), abs=1e-6)
+
+    # pair selection: PRMScorer writes rewards; margins and MODPO's cross-objective margins are on [0, 1]
+    prm.save(tmp_path / "prm", tokenizer=ptok)
+    table = pa.Table.from_pylist([{"prompt": json.dumps(prompt), "steps": [c]} for c in cands])
+    rows = PRMScorer(str(tmp_path / "prm"))(table).to_pylist()
+    cand_rows = [{"problem_id": "p", "task": "t", "prompt": json.dumps(prompt), "candidate": k, "response": c,
+                  "step_rewards": r["step_rewards"]} for k, (c, r) in enumerate(zip(cands, rows))]
+    scores = {o: prm_response_scores(cand_rows, j, "last", "test") for j, o in enumerate(prm.objectives)}
+    assert scores["acc"] == pytest.approx([0.0, 1.0], abs=1e-3) and scores["eng"] == pytest.approx(s.tolist(), abs=1e-3)
+    pairs, skipped = select_pairs(cand_rows, scores, {"t": ["acc", "eng"]}, min_margin=0.3)
+    # eng: rewards 0.98 vs 0.73 miss the margin (its raw logits, 4 vs 1, would pass)
+    assert [p["objective"] for p in pairs] == ["acc"] and skipped == {"eng/margin": 1}
+    assert pairs[0]["chosen"] == cands[1]
+    modpo_terms(pairs, {"acc": 0.5, "eng": 0.5})
+    assert pairs[0]["modpo_margin"] == pytest.approx(0.5 * float(s[1] - s[0]), abs=1e-3)  # raw: 0.5 * (1 - 4)
+    stale = [dict(cand_rows[0], step_rewards=[[0.0, 4.0]])]  # a cache written in raw units
+    with pytest.raises(ValueError, match="outside \\[0, 1\\].*delete the file"):
+        prm_response_scores(stale, 1, "last", "_candidates.parquet")
+
+
+def test_combine_refuses_weights_that_select_nothing():
+    from pipeline.decoding.guided import combine
+
+    r = torch.tensor([[0.2, float("nan")], [0.4, 0.9]])
+    assert combine(r, [1.0, 0.0]).tolist() == pytest.approx([0.2, 0.4])  # a weight-0 objective is not read
+    assert combine(r, [1.0, 1.0])[0] == float("-inf")  # a NaN that counts ranks last
+    for bad in ([0.0, 0.0], [1.0], [1.0, -1.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="prm_weights"):
+            combine(r, bad)

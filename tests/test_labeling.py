@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from fakes import FakePolicy
@@ -106,9 +107,21 @@ def test_demonstration_trajectories_cover_both_sides_of_every_objective(caplog):
         sft += d
     with caplog.at_level(logging.INFO, logger="pipeline.labeling.demos"):
         rows = demo_trajectories(problems, sft, 24)
-    # what was not made is said, with why (no silent drop): 24 math demonstrations, each with a copy
-    made = sum(r["problem_id"].startswith("math_word") for r in rows)
-    assert made == 48 or f"{len(rows)} made, not made" in caplog.text, (made, caplog.text)
+    # what was not made is said, with why and how many (no silent drop): 24 problems per family asked,
+    # math twice each (the demonstration and its corrupted copy); made + reported = asked, per reason
+    made = {(task, tag): sum(r["problem_id"].startswith(task) and r["id"].endswith(f"-{tag}") for r in rows)
+            for task in ("math_word", "assistant", "tutoring") for tag in ("demo", "corrupt")}
+    assert made[("assistant", "demo")] == made[("tutoring", "demo")] == 24 and sum(made.values()) == len(rows)
+    reports = [r for r in caplog.records if r.name == "pipeline.labeling.demos" and "not made" in r.getMessage()]
+    assert len(reports) == 1, caplog.text  # this data has single-step and uncorruptible styles
+    n_made, not_made = reports[0].args
+    assert n_made == len(rows) and set(not_made) <= {
+        "math_word/demo: single step", "math_word/corrupt: single step",
+        "math_word/corrupt: no verbatim steps to corrupt"}, not_made
+    for tag in ("demo", "corrupt"):
+        reported = sum(v for k, v in not_made.items() if k.startswith(f"math_word/{tag}:"))
+        assert reported > 0 and made[("math_word", tag)] + reported == 24, (tag, made, not_made)
+    assert f"{len(rows)} made, not made: {not_made}" in reports[0].getMessage()
     by_id = {p["id"]: p for p in problems}
     for task in ("math_word", "assistant", "tutoring"):
         trajs = [{**r, "reference": by_id[r["problem_id"]]["reference"], "meta": json.loads(by_id[r["problem_id"]]["meta"])}
@@ -192,3 +205,60 @@ def test_failed_rows_are_counted_and_kept_aside(tmp_path, ray_session):
     assert report.failed_inputs == 1 and report.rows == 2
     failed = (tmp_path / "labels" / "_failed" / "part-0.jsonl").read_text().splitlines()
     assert [json.loads(x)["input"] for x in failed] == ["t0"] and "problem p0 not found" in failed[0]
+
+
+def _family_trajectories():
+    """One trajectory per problem of math_word and tutoring (families that both have accuracy and engagement)."""
+    from pipeline.tasks import math_word
+
+    problems = math_word.generate(2, 0)[0] + tutoring.generate(2, 0)[0]
+    trajs = []
+    for p in problems:
+        steps = ["First, 3 x 4 = 12, because each box holds 4.", "The answer is \\boxed{12}."]
+        turns = None
+        if p["task"] == "tutoring":
+            steps = ["What do you get if you multiply the first two numbers?"]
+            turns = [{"role": "assistant", "content": steps[0]}, {"role": "user", "content": "Is it 12?"}]
+        trajs.append({"id": f"{p['id']}-t", "problem_id": p["id"], "prompt": p["prompt"], "steps": steps, "final": "",
+                      "outcome": None, "policy": "x", "turns": turns, "_shard": "s0"})
+    return {p["id"]: p for p in problems}, pa.Table.from_pylist(trajs)
+
+
+@pytest.mark.parametrize("shared,ids", [
+    ((), ["math_word/accuracy", "math_word/engagement", "tutoring/accuracy", "tutoring/engagement"]),
+    (("accuracy", "engagement"), ["accuracy", "engagement"]),
+])
+def test_same_name_in_two_families_is_two_prm_outputs_unless_declared_shared(shared, ids):
+    """Label rows carry objective ids; fit_prm's outputs are the ids in the data (merge_stepwise's width).
+    On the old code (rows tagged by bare name) both cases gave 2 outputs."""
+    from pipeline.labeling.job import label_batch
+    from pipeline.train.prm import merge_stepwise
+
+    problems, batch = _family_trajectories()
+    # no engine: the verifier's outcome instead of MC, the judge on prefixes instead of judge_mc
+    acc, eng = ("accuracy", "engagement") if shared else ("math_word/accuracy", "math_word/engagement")
+    out = label_batch(None, batch, problems=problems, objectives={}, extra={},
+                      methods={acc: "outcome", eng: "judge_prefix"}, mc={}, sampling={}, shared=list(shared)).to_pylist()
+    assert not [r for r in out if r["_error"]], out
+    assert sorted({r["objective"] for r in out}) == ids
+    assert {r["id"].split("-t/", 1)[1] for r in out} == set(ids)  # row ids name the objective id too
+    by = {(r["_input"].split("-")[0], r["objective"]): r["label_kind"] for r in out}
+    # tutoring accuracy keeps its own method (dialogue prefix, hard) unless the shared id sets one for both
+    assert by[("tutoring", "tutoring/accuracy" if not shared else "accuracy")] == ("hard" if not shared else "soft")
+    examples = merge_stepwise(out, ids)
+    assert {len(ex["labels"][0]) for ex in examples} == {len(ids)}
+
+
+def test_label_method_keys_resolve_to_one_objective():
+    from pipeline.labeling.job import label_methods
+
+    cfg = LabelJobConfig(method={"thoroughness": "judge_prefix", "math_word/engagement": "judge_mc"})
+    assert label_methods(cfg) == {"assistant/thoroughness": "judge_prefix", "math_word/engagement": "judge_mc"}
+    with pytest.raises(ValueError, match=r"'engagement' is ambiguous.*math_word/engagement.*tutoring/engagement"):
+        label_methods(LabelJobConfig(method={"engagement": "judge_prefix"}))  # was: applied to both families
+    assert label_methods(LabelJobConfig(method={"engagement": "judge_prefix"}, shared_objectives=["engagement"])) == {
+        "engagement": "judge_prefix"}
+    with pytest.raises(ValueError, match="'engagment' is not an objective"):
+        label_methods(LabelJobConfig(method={"engagment": "judge_prefix"}))  # was: silently ignored
+    with pytest.raises(ValueError, match="shared_objectives: \\['acuracy'\\] is no task's objective"):
+        label_methods(LabelJobConfig(shared_objectives=["acuracy"]))

@@ -20,7 +20,8 @@ def test_dpo_losses_against_hand_computed_values():
     assert cr.item() == pytest.approx(0.1) and rj.item() == pytest.approx(-0.05)
     ls, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
     assert ls.item() == pytest.approx(0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)), abs=1e-6)
-    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    one = torch.ones(1)  # ipo averages over completion tokens (tests/test_conventions.py): 1 token each here
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo", lengths=(one, one))
     assert ipo.item() == pytest.approx((h - 5) ** 2, abs=1e-5)
     # MODPO: w_k = 0.5, the other objectives' weighted margin 0.2: -log sigma((0.1 * 1.5 - 0.2) / 0.5)
     mo, _, _ = modpo_loss(pc, pr, rc, rr, beta=0.1, scale=torch.tensor([0.5]), margin=torch.tensor([0.2]))
@@ -233,9 +234,10 @@ def test_cached_and_on_the_fly_reference_logps_agree(tiny_model_dir):
     from pipeline.models.ref_logps import RefLogps
 
     rows = _pairs(4)
-    cached = RefLogps(tiny_model_dir, max_length=24, max_prompt_length=12, micro_batch_size=3).logps(rows)
+    # prompts of ~29 tokens fit max_prompt_length (a shorter one refuses them); chosen (~11) is cut
+    cached = RefLogps(tiny_model_dir, max_length=36, max_prompt_length=30, micro_batch_size=3).logps(rows)
     t = tokenize_groups(groups_table([[r] for r in rows], {"acc": 0, "eng": 1}, {"acc": 0, "eng": 1}),
-                        tiny_model_dir, 24, 12)
+                        tiny_model_dir, 36, 30)
     batch = PairCollate(_tokenizer(tiny_model_dir).pad_token_id)(
         {k: t.column(k).to_pylist() for k in t.column_names})
     assert torch.isnan(batch["ref_chosen"]).all()  # none cached in these rows
@@ -294,9 +296,10 @@ def test_pair_agreement_checks_the_prms_pairs_against_the_judges():
     p = problems[0]
     aspects = TOPICS[json.loads(p["meta"])["topic"]]
     full = " ".join(s for _, s in aspects)
-    pairs = [{"id": f"{p['id']}-thoroughness", "objective": "thoroughness", "chosen": full, "rejected": "I hope this helps!"},
-             {"id": f"{p['id']}-concision", "objective": "concision", "chosen": "I hope this helps!", "rejected": aspects[0][1]},
-             {"id": f"{p['id']}-concision", "objective": "concision", "chosen": "Hi.", "rejected": "Hello."}]
+    th, co = "assistant/thoroughness", "assistant/concision"  # objective ids (docs/tasks.md)
+    pairs = [{"id": f"{p['id']}-{th}", "objective": th, "chosen": full, "rejected": "I hope this helps!"},
+             {"id": f"{p['id']}-{co}", "objective": co, "chosen": "I hope this helps!", "rejected": aspects[0][1]},
+             {"id": f"{p['id']}-{co}", "objective": co, "chosen": "Hi.", "rejected": "Hello."}]
     assert pair_agreement(pairs, {q["id"]: q for q in problems}) == {
         "assistant/concision": {"disagree": 1, "tie": 1}, "assistant/thoroughness": {"agree": 1}}
 
@@ -347,6 +350,7 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
     summary = build_pairs([
         "--model.name_or_path", tiny_model_dir, "--problems", f"[{tmp_path / 'problems.parquet'}]",
         "--prm", str(tmp_path / "prm"), "--score_with_objective", "[concision]", "--min_margin", "0.0",
+        "--shared_objectives", "[thoroughness, concision]",  # bare ids, as the tiny PRM names its output
         "--n_candidates", "3", "--engine.kind", "callable", "--engine.target", "fakes:VariedPolicy",
         "--engine.env", "{}", "--engine.engine_args", "{}", "--dpo.max_length", "256", "--dpo.max_prompt_length", "64",
         "--out_dir", str(tmp_path / "pairs")])

@@ -55,8 +55,13 @@ def test_prompt_completion_encoding(tiny_model_dir):
     target = [t for t in enc["labels"] if t != IGNORE]
     assert tok.decode(target).startswith("5<|im_end|>")  # the model learns to stop
     assert not enc["truncated"]
-    long = encode_prompt_completion(tok, [{"role": "user", "content": "word " * 200}], "answer " * 50, 64, 32)
-    assert long["truncated"] and len(long["input_ids"]) == 64 and long["labels"].count(IGNORE) == 32
+    # over max_length: the prompt fits max_prompt_length, so only the completion is cut
+    long = encode_prompt_completion(tok, prompt, "answer " * 80, 64, 32)
+    assert long["truncated"] and not long["refused"] and len(long["input_ids"]) == 64
+    assert long["input_ids"][:n_prompt] == enc["input_ids"][:n_prompt]
+    # a one-turn prompt over max_prompt_length is refused, never cut mid-turn (tests/test_conventions.py)
+    too_long = encode_prompt_completion(tok, [{"role": "user", "content": "word " * 200}], "answer " * 50, 64, 32)
+    assert too_long["refused"] and too_long["input_ids"] == []
 
 
 @pytest.mark.slow

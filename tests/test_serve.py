@@ -77,15 +77,28 @@ def test_weights_move_the_output_and_models_list_objectives(endpoint):
     r = httpx.get(endpoint["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
     assert r["data"][0]["id"] == "steer" and r["data"][0]["objectives"] == ["accuracy", "engagement"]
     assert httpx.get(endpoint["url"] + "/health", timeout=30).json()["status"] == "ok"
-    # concurrent requests with different weights share the replica's batch
-    with cf.ThreadPoolExecutor(2) as pool:
-        fa = pool.submit(_post_until_admitted, endpoint, "/v1/chat/completions", _chat({"accuracy": 0.9, "engagement": 0.1}))
-        fb = pool.submit(_post_until_admitted, endpoint, "/v1/chat/completions", _chat({"accuracy": 1, "engagement": 3}))
-        ra, rb = fa.result().json(), fb.result().json()
-    assert ra["choices"][0]["message"]["content"].split()[0] == endpoint["a"].strip()
-    assert rb["choices"][0]["message"]["content"].split()[0] == endpoint["b"].strip()
-    assert rb["objective_weights"] == {"accuracy": 0.25, "engagement": 0.75}
-    assert ra["usage"]["completion_tokens"] == 2
+    # concurrent requests with different weights share the replica's batch (one replica: /health shows
+    # its batches), and each still gets its own weights' output. Arrival within the batch wait (50 ms)
+    # is up to the scheduler on 2 busy cores: up to 3 tries to see them batched together.
+    def batches():
+        return httpx.get(endpoint["url"] + "/health", timeout=30).json()["recent_batches"]
+
+    for _ in range(3):
+        seen = max([b["n"] for b in batches()], default=0)
+        with cf.ThreadPoolExecutor(2) as pool:
+            fa = pool.submit(_post_until_admitted, endpoint, "/v1/chat/completions", _chat({"accuracy": 0.9, "engagement": 0.1}))
+            fb = pool.submit(_post_until_admitted, endpoint, "/v1/chat/completions", _chat({"accuracy": 1, "engagement": 3}))
+            ra, rb = fa.result().json(), fb.result().json()
+        assert ra["choices"][0]["message"]["content"].split()[0] == endpoint["a"].strip()
+        assert rb["choices"][0]["message"]["content"].split()[0] == endpoint["b"].strip()
+        assert rb["objective_weights"] == {"accuracy": 0.25, "engagement": 0.75}
+        assert ra["usage"]["completion_tokens"] == 2
+        new = [b for b in batches() if b["n"] > seen]
+        assert sum(b["size"] for b in new) >= 2, new  # both requests went through the batcher
+        if any(b["size"] == 2 and b["mixes"] == 2 for b in new):
+            break
+    else:
+        pytest.fail(f"two concurrent requests with different weights were never decoded in one batch: {batches()}")
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -186,3 +199,23 @@ def test_preset_is_a_merged_checkpoint_served_by_vllm(endpoint, steerable_policy
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     finally:
         serve.delete("mahalo-presets")
+
+
+def test_weight_keys_resolve_to_heads_and_an_ambiguous_name_is_a_400():
+    """No Serve start: the request-weight check and the PRM-objective map the deployment uses."""
+    from pipeline.serve.app import APIError, check_weights, prm_objective_map
+
+    heads = ["math_word/accuracy", "tutoring/accuracy", "assistant/concision"]
+    assert check_weights({"tutoring/accuracy": 3, "concision": 1}, heads) == [0.0, 0.75, 0.25]
+    with pytest.raises(APIError) as e:
+        check_weights({"accuracy": 1.0}, heads)  # two heads end in it: which one is the client's to say
+    assert e.value.status == 400 and e.value.param == "objective_weights"
+    assert "ambiguous" in e.value.message and "['math_word/accuracy', 'tutoring/accuracy']" in e.value.message
+    with pytest.raises(APIError) as e:
+        check_weights({"fun": 1.0}, heads)
+    assert e.value.status == 400 and "not an objective" in e.value.message
+    assert check_weights(None, heads) == pytest.approx([1 / 3] * 3)
+    assert prm_objective_map({"concision": "assistant/concision"}, ["assistant/concision"], heads) == {
+        "assistant/concision": "assistant/concision"}
+    with pytest.raises(ValueError, match="ambiguous"):
+        prm_objective_map({"math_word/accuracy": "accuracy"}, ["math_word/accuracy"], heads)

@@ -152,3 +152,44 @@ def test_score_tasks_job_on_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
         assert all(0.0 <= res[task][o["name"]]["mean"] <= 1.0 for o in fam.objectives)
     assert (tmp_path / "scores.md").read_text().count("\n") == 3 + sum(len(f.objectives) for f in TASKS.values())
     assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 2 * len(TASKS)
+
+
+def test_builtin_families_name_objectives_apart_unless_shared():
+    from pipeline.tasks import check_shared, objective_ids
+
+    ids = objective_ids()
+    assert ids[("math_word", "accuracy")] != ids[("tutoring", "accuracy")]  # different definitions, two ids
+    assert len(set(ids.values())) == len(ids) == 6
+    shared = objective_ids(["accuracy"])
+    assert shared[("math_word", "accuracy")] == shared[("tutoring", "accuracy")] == "accuracy"
+    assert len(set(shared.values())) == 5
+    with pytest.raises(ValueError, match=r"shared_objectives: \['acuracy'\] is no task's objective"):
+        check_shared(["acuracy"])
+    assert check_shared(["politeness"], {"assistant": [{"name": "politeness"}]}) == ["politeness"]
+
+
+@pytest.mark.parametrize("shared,heads", [
+    ((), ["math_word/accuracy", "math_word/engagement", "tutoring/accuracy", "tutoring/engagement"]),
+    (("accuracy",), ["accuracy", "math_word/engagement", "tutoring/engagement"]),
+])
+def test_pairs_and_policy_heads_per_family_objective(shared, heads):
+    """Pairs of two families with the same objective names train separate heads unless the name is shared."""
+    from pipeline.rollout.pairs import pair_agreement, select_pairs
+    from pipeline.train.mahdpo import plan_runs
+    from pipeline.tasks import get_task
+
+    probs = math_word.generate(1, 0)[0] + tutoring.generate(1, 0)[0]
+    cands = [{"problem_id": p["id"], "task": p["task"], "prompt": json.dumps(p["prompt"]), "candidate": k,
+              "response": f"response {k}"} for p in probs for k in range(2)]
+    of_task = {t: list(get_task(t).objective_ids(shared).values()) for t in ("math_word", "tutoring")}
+    scores = {o: [0.9, 0.1, 0.8, 0.2] for os_ in of_task.values() for o in os_}
+    pairs, skipped = select_pairs(cands, scores, of_task, min_margin=0.1)
+    assert not skipped and sorted({p["objective"] for p in pairs}) == heads
+    assert all(s["objective"] in of_task[p["id"].split("-")[0]] for p in pairs for s in p["scores"])
+    by_obj = {o: [p for p in pairs if p["objective"] == o] for o in heads}
+    ((_, run_heads, groups, _, _),) = plan_runs("mahdpo", heads, by_obj, [], 0)
+    assert run_heads == heads and len(groups[0]) == len(heads)
+    # the ground-truth check parses the problem id out of "<problem id>-<objective id>" ('/' and '-' in both)
+    agreement = pair_agreement(pairs, {p["id"]: p for p in probs}, shared)
+    assert sorted(agreement) == ["math_word/accuracy", "math_word/engagement", "tutoring/accuracy", "tutoring/engagement"]
+    assert sum(sum(v.values()) for v in agreement.values()) == len(pairs)

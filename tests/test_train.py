@@ -13,7 +13,7 @@ from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.models.tokenize import encode_prompt_completion
 from pipeline.models.collate import PadCollate
 from pipeline.train.ds_config import deepspeed_config
-from pipeline.train.harness import fit, lr_lambda, param_groups, plan_steps, read_metrics
+from pipeline.train.harness import fit, make_scheduler, param_groups, plan_steps, read_metrics
 from pipeline.train.sft import build_spec, run_sft, sft_loss
 
 
@@ -49,12 +49,24 @@ def test_harness_loss_falls_on_fixed_batch(tmp_path, ray_session, tiny_model_dir
     assert res.metrics["eval/loss"] < losses[0]
 
 
+def distinct_rows_dataset(ray, model_dir: str, n: int = 16):
+    """n different rows: a resume that replays or skips the wrong micro-batches trains on other data."""
+    tok = load_tokenizer(model_dir)
+    enc = [encode_prompt_completion(tok, r["prompt"], r["completion"], 128, 64) for r in sft_rows(n)]
+    return ray.data.from_items([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in enc])
+
+
 def test_resume_after_stop_and_after_worker_failure(tmp_path, ray_session, tiny_model_dir):
     """Run 1 stops after its checkpoint at step 2. Run 2 (same name) resumes there, then a
-    worker crashes during step 5; Ray Train restarts the group, which resumes from step 4.
-    Every step is logged exactly once: nothing restarted from zero."""
-    ds = fixed_batch_dataset(ray_session, tiny_model_dir)
+    worker crashes during step 5 (the second epoch); Ray Train restarts the group, which resumes
+    from step 4. Every step is logged exactly once, and the losses and final weights are those
+    of one uninterrupted run on the same distinct rows: nothing replayed, skipped or restarted."""
+    ds = distinct_rows_dataset(ray_session, tiny_model_dir)  # 4 steps per epoch: 2 workers x 2 micro-batches of 2
     spec = build_spec(tiny_model_dir, True)
+    cfg = train_cfg(tmp_path, max_steps=6, checkpoint_every=2)
+    straight = fit(spec, cfg, {"train": ds}, run_name="straight", num_train_rows=16,
+                   log_dir=str(tmp_path / "straight"), export_dir=str(tmp_path / "straight-model"))
+
     kw = dict(run_name="resume", num_train_rows=16, log_dir=str(tmp_path / "logs"))
     fit(spec, train_cfg(tmp_path, max_steps=2, checkpoint_every=2), {"train": ds}, **kw)
 
@@ -69,11 +81,17 @@ def test_resume_after_stop_and_after_worker_failure(tmp_path, ray_session, tiny_
         return sft_loss(model, batch)
 
     spec.loss = crash_once
-    res = fit(spec, train_cfg(tmp_path, max_steps=6, checkpoint_every=2, max_failures=1), {"train": ds}, **kw)
+    res = fit(spec, cfg.model_copy(update={"max_failures": 1}), {"train": ds}, export_dir=str(tmp_path / "model"), **kw)
     assert marker.exists(), "the injected failure never ran"
     raw = [json.loads(x)["step"] for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert raw == [1, 2, 3, 4, 5, 6], raw
-    assert res.step == 6
+    assert res.step == 6 and straight.step == 6
+    want = [m["loss"] for m in read_metrics(straight.log_dir)]
+    assert len(set(want)) == 6, want  # distinct rows: every step sees other data
+    assert [m["loss"] for m in read_metrics(res.log_dir)] == pytest.approx(want, rel=1e-5, abs=0)
+    a, b = load_causal_lm(tmp_path / "model", "float32"), load_causal_lm(tmp_path / "straight-model", "float32")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_sft_on_tiny_model(tmp_path, ray_session, tiny_model_dir):
@@ -114,14 +132,34 @@ def test_sft_loss_ignores_prompt_tokens(tiny_model_dir):
     assert keep.sum() < len(target) and loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_missing_tracker_package_fails_before_training(tmp_path):
+@pytest.mark.parametrize("kind", ["wandb", "mlflow"])
+def test_missing_tracker_package_fails_before_training(tmp_path, monkeypatch, kind):
+    """Deterministic whatever is installed: the package is made missing, then present."""
+    import importlib.util
+    from importlib.machinery import ModuleSpec
+
     from pipeline.train.tracking import check_tracker
 
-    cfg = TrainConfig(tracker={"kind": "wandb"})
-    if __import__("importlib").util.find_spec("wandb") is None:
-        with pytest.raises(ModuleNotFoundError, match="pip install wandb"):
-            check_tracker(cfg.tracker)
+    real = importlib.util.find_spec
+    cfg = train_cfg(tmp_path, tracker={"kind": kind})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == kind else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match=f"train.tracker.kind is '{kind}'.*pip install {kind}"):
+        check_tracker(cfg.tracker)
+    # fit() checks before it plans or builds a trainer (planning raises here if reached first)
+    import pipeline.train.harness as harness
+
+    def started(*a):
+        raise AssertionError("fit went past the tracker check")
+
+    monkeypatch.setattr(harness, "plan_steps", started)
+    with pytest.raises(ModuleNotFoundError, match=f"pip install {kind}"):
+        fit(None, cfg, {}, run_name="x", num_train_rows=16, log_dir=str(tmp_path / "logs"))
+    assert not (tmp_path / "logs").exists()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: ModuleSpec(n, None) if n == kind else real(n, *a))
+    check_tracker(cfg.tracker)  # present: passes
     check_tracker(TrainConfig().tracker)  # tensorboard ships with the project
+    check_tracker(TrainConfig(tracker={"kind": "none"}).tracker)
 
 
 def test_plan_and_schedule():
@@ -130,8 +168,24 @@ def test_plan_and_schedule():
     assert plan_steps(100, cfg.model_copy(update={"max_steps": 4})) == (6, 4)
     with pytest.raises(ValueError, match="too few for one optimizer step"):
         plan_steps(10, cfg)
-    f = lr_lambda(TrainConfig(warmup_steps=2, lr_schedule="linear"), total_steps=12)
-    assert [round(f(s), 3) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    # transformers' convention: warmup from lr 0 (step/warmup), then the schedule down to 0 at the last step
+    want = {"constant": [0.0, 0.5, 1.0, 1.0, 1.0], "linear": [0.0, 0.5, 1.0, 0.5, 0.0],
+            "cosine": [0.0, 0.5, 1.0, 0.5, 0.0]}
+    for name, lrs in want.items():
+        for warmup in (0, 2):
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+            sched = make_scheduler(opt, TrainConfig(warmup_steps=warmup, lr_schedule=name), total_steps=12)
+            seen = []
+            for s in range(13):
+                seen.append(round(sched.get_last_lr()[0] / 2.0, 3))
+                opt.step()
+                sched.step()
+            got = [seen[s] for s in (0, 1, 2, 7, 12)]
+            if warmup:
+                assert got == lrs, (name, got)
+            else:
+                assert got[0] == 1.0 and got[-1] == lrs[-1], (name, got)
+    assert seen[3] == pytest.approx(0.976, abs=1e-3)  # cosine, not linear, after warmup
     ds = deepspeed_config(TrainConfig(zero_stage=3, micro_batch_size=2, grad_accum=4, deepspeed={"bf16": {"enabled": False}}), 8)
     assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": False}
 
@@ -176,3 +230,20 @@ def test_metrics_with_different_keys_per_worker_average_over_those_that_have_the
     for p in procs:
         p.join(timeout=30)
     assert res[0] == res[1] == {"b": 4.0, "loss": 1.5}
+
+
+def test_auroc_equals_pairwise_count_with_ties():
+    """AUROC = P(score of a positive > score of a negative) + half the ties, by brute force."""
+    import numpy as np
+
+    from pipeline.train.prm_metrics import auroc
+
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 40, 200):
+        scores = rng.integers(0, 5, n).astype(np.float64)  # few distinct values: many ties
+        labels = rng.integers(0, 2, n).astype(np.float64)
+        labels[:2] = [0, 1]
+        pos, neg = scores[labels == 1], scores[labels == 0]
+        brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+        assert auroc(scores, labels) == pytest.approx(brute, abs=1e-12), n
+        assert auroc(-scores, labels) == pytest.approx(1 - brute, abs=1e-12)

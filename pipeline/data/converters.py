@@ -3,7 +3,10 @@
 - UltraFeedback (openbmb/UltraFeedback): per-aspect ratings of several completions
   per instruction -> one preference pair per (instruction, aspect): the best-rated
   completion on that aspect against the worst, kept when their ratings differ by at
-  least `min_margin` (the paper's human-values pairs: helpfulness, honesty, truthfulness).
+  least `min_margin` rating points (the paper's human-values pairs: helpfulness, honesty,
+  truthfulness). Scores (`chosen_score`, `rejected_score`, `scores`) are the ratings mapped from
+  1-5 onto [0, 1] ((r - 1) / 4), the scale of the PRM's rewards, so MODPO margins that mix them
+  with PRM-scored pairs add like with like.
 - MATH (hendrycks competition math, e.g. EleutherAI/hendrycks_math): problems with
   the boxed answer of the reference solution as `reference`, task `math_word` (its
   verifier is math-verify; its step splitter fits MATH solutions).
@@ -18,6 +21,7 @@ import re
 from pipeline.data.records import RecordError
 
 UF_ASPECTS = ("helpfulness", "honesty", "truthfulness", "instruction_following")
+UF_RATINGS = (1.0, 5.0)  # UltraFeedback's rating range
 MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -29,9 +33,18 @@ def _rating(completion: dict, aspect: str, source: str, row: int) -> float | Non
     if r in (None, "N/A"):
         return None
     try:
-        return float(r)
+        x = float(r)
     except (TypeError, ValueError):
         raise RecordError(source, row, f"completions.annotations.{aspect}.Rating", f"not a number: {r!r}") from None
+    if not UF_RATINGS[0] <= x <= UF_RATINGS[1]:
+        raise RecordError(source, row, f"completions.annotations.{aspect}.Rating", f"{r!r} is outside {UF_RATINGS}")
+    return x
+
+
+def _unit(rating: float) -> float:
+    """A 1-5 rating on the rewards' [0, 1] scale."""
+    lo, hi = UF_RATINGS
+    return (rating - lo) / (hi - lo)
 
 
 def ultrafeedback_pairs(rows: list[dict], aspects: list[str], min_margin: float = 1.0,
@@ -57,10 +70,10 @@ def ultrafeedback_pairs(rows: list[dict], aspects: list[str], min_margin: float 
                 skipped["margin"] += 1
                 continue
             out.append({"id": f"{r.get('source', 'uf')}-{i}-{aspect}", "prompt": [{"role": "user", "content": r["instruction"]}],
-                        "chosen": hi[1], "rejected": lo[1], "objective": aspect, "chosen_score": hi[0],
-                        "rejected_score": lo[0], "ref_chosen_logp": None, "ref_rejected_logp": None,
-                        # both responses' ratings on every aspect rated for both (MODPO's margins)
-                        "scores": [{"objective": a, "chosen": sc, "rejected": sr} for a in aspects
+                        "chosen": hi[1], "rejected": lo[1], "objective": aspect, "chosen_score": _unit(hi[0]),
+                        "rejected_score": _unit(lo[0]), "ref_chosen_logp": None, "ref_rejected_logp": None,
+                        # both responses' ratings on every aspect rated for both (MODPO's margins), on [0, 1]
+                        "scores": [{"objective": a, "chosen": _unit(sc), "rejected": _unit(sr)} for a in aspects
                                    if (sc := _rating(hi[2], a, source, i)) is not None
                                    and (sr := _rating(lo[2], a, source, i)) is not None]})
     return out, skipped

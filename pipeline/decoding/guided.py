@@ -1,8 +1,10 @@
 """PRM-guided decoding with a continuing KV cache (the paper's algorithm, made runnable).
 
 At each step boundary: K candidate steps are sampled on top of the running cache;
-the vectorized PRM scores every candidate as the next step; rewards are combined
-with the request's weights; the winner's tokens are kept in the cache, so the
+the vectorized PRM scores every candidate as the next step; its rewards, on the
+PRM's common [0, 1] scale (`prm.to_rewards`: a classifier's logit through the
+sigmoid, a value clamped, ...; never the raw outputs, where a logit head would
+outweigh any mix), are combined into the weighted mean under the request's weights; the winner's tokens are kept in the cache, so the
 policy never re-encodes the text. The PRM keeps a running cache of its own (prompt
 + accepted steps, each closed by its separator), so it too encodes only the K
 candidates' tokens. The mix of heads is merged once per request: one projection
@@ -49,7 +51,7 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s|$)")
 class GuidedResult:
     token_ids: list[int]
     steps: list[str]
-    step_scores: list[float] = field(default_factory=list)  # the winner's combined PRM score per step
+    step_scores: list[float] = field(default_factory=list)  # the winner's weighted-mean PRM reward per step, in [0, 1]
     finished: bool = False  # ended by end-of-sequence (not by a limit)
     policy_forward_tokens: int = 0  # tokens the policy processed (prefill + decode), for the benchmark
 
@@ -63,8 +65,15 @@ def _at_boundary(text: str, boundary: str) -> bool:
 
 
 def combine(rewards: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """[K, n_objectives] PRM rewards -> [K] scores; a NaN reward (cut by truncation) ranks last."""
-    s = (rewards * torch.tensor(weights, dtype=rewards.dtype)).sum(-1)
+    """[K, n_objectives] PRM rewards on the common scale (`prm.to_rewards`) -> [K] weighted means;
+    a NaN reward with a positive weight (cut by truncation) ranks last. An objective of weight 0 is
+    not read."""
+    w = torch.tensor(weights, dtype=rewards.dtype)
+    if w.shape != rewards.shape[-1:] or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"prm_weights {list(weights)}: need {rewards.shape[-1]} finite, non-negative weights "
+                         "(one per PRM objective, in its order), not all zero")
+    used = w > 0
+    s = (rewards[..., used] * w[used]).sum(-1) / w.sum()
     return torch.nan_to_num(s, nan=float("-inf"))
 
 
@@ -143,8 +152,8 @@ def guided_generate(policy, tokenizer, prm, prm_tokenizer, prompt: list[dict], *
             if all(done):
                 break
         texts = [tokenizer.decode([x for x in tk if x not in eos]).strip() for tk in toks]
-        rewards = prm_cache.score(texts) if prm_cache else prm.score_last(prm_tokenizer, prompt, res.steps, texts)
-        scores = combine(rewards, prm_weights)
+        raw = prm_cache.score(texts) if prm_cache else prm.score_last(prm_tokenizer, prompt, res.steps, texts)
+        scores = combine(prm.to_rewards(raw), prm_weights)
         best = int(torch.argmax(scores))
         if prm_cache:
             prm_cache.accept(best)
@@ -178,8 +187,9 @@ class PRMPrefix:
 
     @torch.no_grad()
     def score(self, candidates: list[str]) -> torch.Tensor:
-        """[K, n_objectives]: each candidate's reward as the next step (read at its separator).
-        Call `accept` before scoring the next step's candidates."""
+        """[K, n_objectives]: each candidate's raw output as the next step (read at its separator; the
+        same as `prm.score_last`, so `prm.to_rewards` maps it). Call `accept` before scoring the next
+        step's candidates."""
         if self._tree is not None:
             raise RuntimeError("PRMPrefix.score called twice without accept()")
         pieces = [self.tok(c, add_special_tokens=False)["input_ids"] + [self.prm.sep_id] for c in candidates]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.models.checkpoint import load_causal_lm, load_tokenizer
+from pipeline.models.tokenize import prompt_ids, prompt_text
 
 
 class TransformersEngine:
@@ -21,7 +22,7 @@ class TransformersEngine:
         self.model = load_causal_lm(checkpoint_dir, self.dtype).to(self.device).eval()
 
     def render(self, prompt: list[dict]) -> str:
-        return self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return prompt_text(self.tok, prompt)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
@@ -43,8 +44,9 @@ class TransformersEngine:
             torch.manual_seed(seed)
         out: list[list[str]] = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(self.device)
+            # the ids training builds (prompt_ids), left-padded into one batch
+            enc = self.tok.pad({"input_ids": [prompt_ids(self.tok, t) for t in texts[i : i + self.batch_size]]},
+                               return_tensors="pt").to(self.device)
             sample = temperature > 0
             gen = self.model.generate(
                 **enc, max_new_tokens=max_tokens, do_sample=sample, num_return_sequences=n,

@@ -14,6 +14,8 @@ import glob
 import os
 from typing import Any
 
+from pipeline.models.tokenize import prompt_ids, prompt_text
+
 
 class WeightReloader:
     """Mixed into vLLM's worker (`worker_extension_cls`): reached through `collective_rpc`."""
@@ -42,13 +44,14 @@ class VLLMEngine:
                  engine_args: dict[str, Any] | None = None):
         from vllm import LLM
 
-        from pipeline.models.checkpoint import check_safetensors
+        from pipeline.models.checkpoint import check_safetensors, load_tokenizer
 
         check_safetensors(model_dir)
         args = {"enable_prefix_caching": True, **(engine_args or {})}
         self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        worker_extension_cls="pipeline.engines.vllm_engine.WeightReloader", **args)
-        self.tokenizer = self.llm.get_tokenizer()
+        # training's tokenizer (not vLLM's copy), so prompt ids are built by the same code
+        self.tokenizer = load_tokenizer(model_dir)
         self.model_dir = model_dir
 
     def _params(self, n, max_tokens, temperature, top_p, top_k, seed, stop):
@@ -62,22 +65,33 @@ class VLLMEngine:
                  seeds: list[int] | None = None, per_request: list[dict] | None = None) -> list[list[str]]:
         """Continue raw text prompts (the chat template already applied). `seeds` gives each
         prompt its own seed (reproducible sampling whatever the batch); `per_request` overrides
-        any sampling parameter for one prompt ({"temperature": 0.2, "max_tokens": 64, ...})."""
-        if not texts:
+        any sampling parameter for one prompt ({"temperature": 0.2, "max_tokens": 64, ...}).
+        The text goes to vLLM as token ids without added special tokens (a rendered chat
+        already holds the template's BOS; vLLM tokenising text would add a second)."""
+        return self._sample([prompt_ids(self.tokenizer, t) for t in texts], n=n, max_tokens=max_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, seeds=seeds,
+                            per_request=per_request)
+
+    def _sample(self, ids: list[list[int]], *, n, max_tokens, temperature, top_p, top_k, seed, stop, seeds,
+                per_request) -> list[list[str]]:
+        from vllm.inputs import TokensPrompt
+
+        if not ids:
             return []
         base = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         if seeds is not None or per_request is not None:
             params = [self._params(**{**base, **({"seed": seeds[i]} if seeds is not None else {}),
-                                      **(per_request[i] if per_request else {})}) for i in range(len(texts))]
+                                      **(per_request[i] if per_request else {})}) for i in range(len(ids))]
         else:
             params = self._params(**base)
-        outs = self.llm.generate(texts, params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         return [[c.text for c in o.outputs] for o in outs]
 
     def render(self, prompt: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return prompt_text(self.tokenizer, prompt)
 
     def generate(self, prompts: list[list[dict]], **kw) -> list[list[str]]:
+        """Chat prompts, sent as the token ids training builds for them (prompt_ids)."""
         return self.complete([self.render(p) for p in prompts], **kw)
 
     def reload_weights(self, checkpoint_dir: str) -> None:

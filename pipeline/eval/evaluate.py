@@ -9,7 +9,8 @@ engine serves them all, swapping weights in place (`reload_weights`, no restart)
 Guided decoding (the PRM picks each step among K candidates) runs in process on the
 multi-head policy (pipeline.decoding.guided), on `guided_problems` problems per task.
 
-Rows: {policy, weights (JSON, over the task's objectives), decoding, task, objective, mean, n}.
+Rows: {policy, weights (JSON, over the task's objective ids), decoding, task, objective (its id:
+`<family>/<name>`, or the bare name when shared), mean, n}. A task's weights name only its own ids.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def sweep(objectives: list[str], points: int) -> list[dict[str, float]]:
     return corners + [{o: 1 / len(objectives) for o in objectives}]
 
 
-def task_objectives(task_name: str) -> list[str]:
+def task_objectives(task_name: str, shared=()) -> dict[str, str]:
+    """{name: id} of a family's objectives: the ids are what heads, PRM outputs and weights are keyed by."""
     from pipeline.tasks import get_task
 
-    return get_task(task_name).objective_names
+    return get_task(task_name).objective_ids(shared)
 
 
 def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
@@ -58,6 +60,9 @@ def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
         m = MultiHeadPolicy.load(path)
         w = {o: weights.get(o, 0.0) for o in m.objectives}
         if sum(w.values()) <= 0:  # a head trained on other objectives only: equal weights
+            if weights and len(m.objectives) > 1:  # several heads, none of them this task's: say so
+                log.warning("%s: heads %s hold none of %s (shared_objectives differs from the policy's?); "
+                            "equal weights used", path, m.objectives, sorted(weights))
             w = {o: 1.0 for o in m.objectives}
     else:  # soup: {objective: dir}
         dirs = policy["paths"]
@@ -71,7 +76,7 @@ def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
 
 
 def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir: str, points: int = 3,
-             temperature: float = 0.0, guided: dict | None = None) -> list[dict]:
+             temperature: float = 0.0, guided: dict | None = None, shared=()) -> list[dict]:
     """Rows of per-objective means. `policies`: [{name, kind, path | paths, sweep: bool}]."""
     from pipeline.eval.task_scores import score_task
     from pipeline.engines.pool import make_engine
@@ -83,7 +88,7 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
     plan = []  # (policy, task, weights)
     for pol in policies:
         for task in by_task:
-            ws = sweep(task_objectives(task), points) if pol.get("sweep") else [None]
+            ws = sweep(list(task_objectives(task, shared).values()), points) if pol.get("sweep") else [None]
             plan += [(pol, task, w) for w in ws]
     rows, engine = [], None
     for i, (pol, task, w) in enumerate(plan):
@@ -96,20 +101,22 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
         else:
             engine.reload_weights(str(ckpt))
         res = score_task(task, by_task[task], engine, temperature=temperature, seed=0)
+        ids = task_objectives(task, shared)
         for obj, s in res["objectives"].items():
             rows.append({"policy": pol["name"], "weights": json.dumps(w) if w else None, "decoding": "plain",
-                         "task": task, "objective": obj, "mean": s["mean"], "n": s["n"], "se": s["se"]})
+                         "task": task, "objective": ids[obj], "mean": s["mean"], "n": s["n"], "se": s["se"]})
         log.info("eval %s %s %s: %s", pol["name"], task, w or "", {o: round(s["mean"], 3) for o, s in res["objectives"].items()})
     if engine is not None and hasattr(engine, "shutdown"):
         engine.shutdown()
     if guided:
-        rows += evaluate_guided(policies, by_task, **guided)
+        rows += evaluate_guided(policies, by_task, **guided, shared=shared)
     return rows
 
 
 def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm: str, tasks: list[str],
                     n_problems: int, candidates: int = 4, max_steps: int = 6, max_step_tokens: int = 64,
-                    temperature: float = 0.7, policy_names: list[str] | None = None, dtype: str = "float32") -> list[dict]:
+                    temperature: float = 0.7, policy_names: list[str] | None = None, dtype: str = "float32",
+                    shared=()) -> list[dict]:
     """PRM-guided decoding on multi-head policies at equal weights over each task's objectives."""
     from pipeline.decoding.guided import guided_generate
     from pipeline.models.checkpoint import load_tokenizer
@@ -132,9 +139,18 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
             task = get_task(task_name)
             if task.multi_turn:
                 continue  # guided dialogues need the simulated user in the loop: not evaluated here
-            objs = task_objectives(task_name)
+            ids = task_objectives(task_name, shared)
+            objs = list(ids.values())
             w = [1.0 if o in objs else 0.0 for o in policy.objectives]
             prm_w = [1.0 if o in objs else 0.0 for o in prm_model.objectives]
+            if not any(w) and len(w) == 1:  # one head trained on other (or pooled) objectives: that head
+                w = [1.0]
+            elif not any(w):  # no head of this task's: shared_objectives differs from the policy's training run
+                raise ValueError(f"guided eval of {pol['name']} on {task_name}: its heads {policy.objectives} hold none "
+                                 f"of the task's objectives {objs}; use the shared_objectives it was trained with")
+            if not any(prm_w):  # guidance by no objective: K candidates picked blindly
+                raise ValueError(f"guided eval of {task_name}: the PRM {prm} scores {prm_model.objectives}, "
+                                 f"none of the task's objectives {objs}")
             # K = 1 is the same step-by-step sampling without a choice: the baseline on the same problems
             for k in sorted({1, candidates}):
                 items = []
@@ -149,6 +165,6 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
                 for name, obj in build_objectives(task.objectives).items():
                     ok = [s for s in obj.score_batch(items) if s is not None]
                     rows.append({"policy": pol["name"], "weights": json.dumps({o: 1.0 / len(objs) for o in objs}),
-                                 "decoding": f"guided(K={k})", "task": task_name, "objective": name,
+                                 "decoding": f"guided(K={k})", "task": task_name, "objective": ids[name],
                                  "mean": float(np.mean(ok)) if ok else float("nan"), "n": len(ok), "se": std_error(ok)})
     return rows

@@ -4,6 +4,7 @@ F1  the MAH-DPO ensemble (equal weights over a task's objectives) improves every
 F2  on conflicting objectives it beats single-head DPO on the pooled pairs;
 F3  moving weight toward an objective moves that objective's score up, monotonically along the sweep;
 F4  PRM-guided decoding raises verifiable accuracy (K candidates vs K = 1 on the same problems).
+Rows name objectives by id (`assistant/concision`); F2 and F4 name them within their task (`concision`).
 Each returns (holds: bool | None, text with the numbers); None when the rows lack what it needs.
 A finding holds on the means; the text adds each difference's noise (2 standard errors of the
 difference), so a reader sees when "holds" or "does not hold" is within it.
@@ -17,9 +18,19 @@ import math
 CONFLICTING = {"assistant": ("thoroughness", "concision")}
 
 
+def _is(row_objective: str, objective: str) -> bool:
+    """A row's objective id is `objective`, or (within its task) has that name: `math_word/accuracy` is `accuracy`."""
+    return row_objective == objective or row_objective.rsplit("/", 1)[-1] == objective
+
+
+def _label(task: str, objective: str) -> str:
+    """`task/name` for the text, whether the row's id holds the family (`math_word/accuracy`) or is shared."""
+    return objective if objective.startswith(f"{task}/") else f"{task}/{objective}"
+
+
 def _row(rows, policy, task, objective, weights=None, decoding="plain"):
     for r in rows:
-        if (r["policy"] == policy and r["task"] == task and r["objective"] == objective and r["decoding"] == decoding
+        if (r["policy"] == policy and r["task"] == task and _is(r["objective"], objective) and r["decoding"] == decoding
                 and (weights is None or (r["weights"] and json.loads(r["weights"]) == weights))):
             return r
     return None
@@ -61,7 +72,7 @@ def f1(rows, mah="MAH-DPO", sft="sft"):
                 continue
             a, b = ra["mean"], rb["mean"]
             holds &= a > b
-            lines.append(f"{task}/{o}: MAH-DPO {a:.3f} vs SFT {b:.3f} ({'up' if a > b else 'not up'}{_noise(ra, rb)})")
+            lines.append(f"{_label(task, o)}: MAH-DPO {a:.3f} vs SFT {b:.3f} ({'up' if a > b else 'not up'}{_noise(ra, rb)})")
     return (holds if lines else None), "; ".join(lines)
 
 
@@ -100,14 +111,14 @@ def f3(rows, mah="MAH-DPO"):
             mono = ups == len(vals) - 1
             rises = vals[-1] > vals[0]
             holds &= mono and rises
-            lines.append(f"{task}/{o}: " + " -> ".join(f"{v:.3f}" for v in vals)
+            lines.append(f"{_label(task, o)}: " + " -> ".join(f"{v:.3f}" for v in vals)
                          + f" ({'monotone up' if mono and rises else f'{ups}/{len(vals) - 1} steps up'}"
                          f"{_noise(seq[0][1], seq[-1][1])})")
     return (holds if lines else None), "; ".join(lines)
 
 
 def f4(rows, mah="MAH-DPO", task="math_word", objective="accuracy"):
-    guided = [r for r in rows if r["policy"] == mah and r["task"] == task and r["objective"] == objective
+    guided = [r for r in rows if r["policy"] == mah and r["task"] == task and _is(r["objective"], objective)
               and r["decoding"].startswith("guided") and r["decoding"] != "guided(K=1)"]
     if not guided:
         return None, ""

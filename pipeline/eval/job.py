@@ -21,8 +21,10 @@ def run_eval(cfg) -> dict:
         problems = kept
     policies = [p.model_dump() for p in cfg.policies]
     guided = cfg.guided.model_dump() if cfg.guided else None
+    from pipeline.tasks import check_shared
+
     rows = evaluate(policies, problems, engine_cfg=cfg.engine, work_dir=cfg.out_dir, points=cfg.sweep_points,
-                    temperature=cfg.temperature, guided=guided)
+                    temperature=cfg.temperature, guided=guided, shared=check_shared(cfg.shared_objectives))
     out = write(rows, cfg.out_dir)
     out["rows"] = rows
     return out

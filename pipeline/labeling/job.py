@@ -19,9 +19,9 @@ from pipeline.data.schemas import schema_for
 from pipeline.data.stream import read_dataset
 from pipeline.labeling.steps import DEFAULT_METHOD, label_objective
 from pipeline.models.registry import resolve_model
-from pipeline.objectives import build_objectives
+from pipeline.objectives import build_objectives, objective_id, resolve_keys
 from pipeline.engines.pool import map_with_engine
-from pipeline.tasks import get_task
+from pipeline.tasks import TASKS, check_shared, get_task
 
 log = logging.getLogger(__name__)
 RESULT_SCHEMA = (schema_for("stepwise").append(pa.field("_shard", pa.string())).append(pa.field("_input", pa.string()))
@@ -29,7 +29,8 @@ RESULT_SCHEMA = (schema_for("stepwise").append(pa.field("_shard", pa.string())).
 
 
 def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, extra: dict, methods: dict,
-                mc: dict, sampling: dict) -> pa.Table:
+                mc: dict, sampling: dict, shared: list[str] = ()) -> pa.Table:
+    """Rows carry the objective's id (`<family>/<name>`, or the bare name when shared); `methods` is keyed by id."""
     mc_cfg = MCConfig.model_validate(mc)
     by_task: dict[str, list[dict]] = defaultdict(list)
     out = []
@@ -47,19 +48,29 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
             results = {}
             for name in names:
                 obj = objs[name]
-                method = methods.get(name) or DEFAULT_METHOD[obj.kind]
+                method = methods.get(objective_id(task_name, name, shared)) or DEFAULT_METHOD[obj.kind]
                 smp = {**sampling, "max_tokens": mc_cfg.max_tokens or sampling.get("max_tokens") or task.max_tokens}
                 results[name] = label_objective(method, engine, obj, trajs, mc_cfg, smp)
         except Exception as e:  # counted and reported by the driver, never dropped silently
             out += [{"_shard": tr["_shard"], "_input": tr["id"], "_error": f"{type(e).__name__}: {e}"} for tr in trajs]
             continue
         for name, labelled in results.items():
+            oid = objective_id(task_name, name, shared)
             for tr, lab in zip(trajs, labelled):
-                out.append({"id": f"{tr['id']}/{name}", "prompt": tr["prompt"], "completions": tr["steps"],
-                            "objective": name, "labels": lab.labels, "label_kind": lab.label_kind,
+                out.append({"id": f"{tr['id']}/{oid}", "prompt": tr["prompt"], "completions": tr["steps"],
+                            "objective": oid, "labels": lab.labels, "label_kind": lab.label_kind,
                             "rollouts_per_step": lab.rollouts_per_step, "_shard": tr["_shard"], "_input": tr["id"],
                             "_error": None, "_unparseable": lab.unparseable})
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def label_methods(cfg: LabelJobConfig) -> dict[str, str]:
+    """`method` keyed by objective id. A bare name is accepted when it names one objective of the
+    built-in and extra ones; `engagement` (math_word's and tutoring's) is ambiguous: an error, not both."""
+    check_shared(cfg.shared_objectives, cfg.extra_objectives)
+    ids = [objective_id(t, n, cfg.shared_objectives) for t, fam in TASKS.items()
+           for n in [*fam.objective_names, *(o.name for o in cfg.extra_objectives.get(t, []))]]
+    return resolve_keys(cfg.method, dict.fromkeys(ids), "method key")
 
 
 def run_labeling(cfg: LabelJobConfig) -> ShardReport:
@@ -71,6 +82,7 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
         known = {o["name"] for o in get_task(task).objectives} | {o.name for o in cfg.extra_objectives.get(task, [])}
         if unknown := set(names) - known:
             raise ValueError(f"objectives.{task}: unknown objective(s) {sorted(unknown)}; {task} has {sorted(known)}")
+    methods = label_methods(cfg)
     if cfg.mc.early_stop and cfg.mc.hard_label == "none":
         log.warning("mc.early_stop: soft MC values need all k continuations; it applies to judge_mc labels only")
     model_dir = resolve_model(cfg.model.name_or_path)
@@ -95,7 +107,8 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = map_with_engine(ds, cfg.engine, model_dir, label_batch, problems=problems, objectives=cfg.objectives,
                          extra={t: [o.model_dump() for o in v] for t, v in cfg.extra_objectives.items()},
-                         methods=cfg.method, mc=cfg.mc.model_dump(), sampling=cfg.sampling.model_dump())
+                         methods=methods, mc=cfg.mc.model_dump(), sampling=cfg.sampling.model_dump(),
+                         shared=cfg.shared_objectives)
     with tqdm(total=len(todo), desc="label shards", mininterval=5) as bar:
         report = write_by_shard(ds.iter_batches(batch_size=None, batch_format="pyarrow"), expected,
                                 {s: out_paths[s] for s in todo}, "stepwise", counters=("_unparseable",), progress=bar)
@@ -108,11 +121,13 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
 
 
 def summarize(out_dir: str) -> dict:
-    """Label counts and means per objective, for reports and logs."""
+    """Label counts, means and label kinds per objective id, for reports and logs."""
     t, _ = read_records(out_dir, "stepwise")
     stats: dict = defaultdict(Counter)
     sums: dict = defaultdict(float)
+    kinds: dict = defaultdict(set)
     for r in t.to_pylist():
+        kinds[r["objective"]].add(r["label_kind"])
         for x in r["labels"]:
             stats[r["objective"]]["steps"] += 1
             if x is None:
@@ -120,4 +135,5 @@ def summarize(out_dir: str) -> dict:
             else:
                 sums[r["objective"]] += x
         stats[r["objective"]]["rows"] += 1
-    return {o: {**c, "mean": sums[o] / max(1, c["steps"] - c["unlabelled"])} for o, c in stats.items()}
+    return {o: {**c, "mean": sums[o] / max(1, c["steps"] - c["unlabelled"]), "label_kind": "+".join(sorted(kinds[o]))}
+            for o, c in stats.items()}

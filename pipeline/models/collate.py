@@ -62,10 +62,25 @@ class PairCollate:
 
 
 class PRMCollate:
+    """Pads PRM rows: one response each, or prompt groups (rows with `n_responses`: lists of
+    responses, flattened here, each response keeping its group's `prompt_hash`)."""
+
     def __init__(self, pad_id: int, n_objectives: int):
         self.pad_id, self.n = pad_id, n_objectives
 
+    @staticmethod
+    def flatten(batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out = {k: [x for g in batch[k] for x in g] for k in ("input_ids", "positions", "labels")}
+        out["prompt_hash"] = [h for h, n in zip(batch["prompt_hash"], batch["n_responses"]) for _ in range(int(n))]
+        for k in ("input_ids", "positions", "labels"):
+            if len(out[k]) != len(out["prompt_hash"]):
+                raise ValueError(f"PRMCollate: column {k!r} holds {len(out[k])} responses, n_responses says "
+                                 f"{len(out['prompt_hash'])}")
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if "n_responses" in batch:
+            batch = self.flatten(batch)
         ids, pos = batch["input_ids"], batch["positions"]
         width, steps = max(len(x) for x in ids), max(1, max(len(p) for p in pos))
         b = len(ids)

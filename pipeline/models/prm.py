@@ -19,6 +19,27 @@ import torch
 from torch import nn
 
 DEFAULT_SEPARATOR = "<|step|>"
+LABEL_KINDS = ("soft", "hard", "outcome")
+
+
+def reward_link(kind: str, raw: torch.Tensor) -> torch.Tensor:
+    """One objective's raw outputs (its head's own units) -> rewards on the common scale [0, 1],
+    "probability-like", so objectives of different kinds can be compared, mixed and differenced:
+
+        soft     clamp(value, 0, 1): the value head regresses success rates, already in [0, 1]
+                 (MSE can overshoot a little; a value past a bound means "at the bound");
+        hard     sigmoid(logit): the classifier's P(good step);
+        outcome  sigmoid(score): Bradley-Terry's P(this response beats one scored 0). Only score
+                 differences are trained, so 0 is an arbitrary centre; the map is monotone, so the
+                 ranking within the objective is the score's, and differences near the centre are
+                 score differences / 4.
+
+    NaN (a step cut by truncation) stays NaN."""
+    if kind == "soft":
+        return raw.clamp(0.0, 1.0)
+    if kind in ("hard", "outcome"):
+        return torch.sigmoid(raw)
+    raise ValueError(f"unknown label kind {kind!r}; use one of {LABEL_KINDS}")
 
 
 def add_separator(tokenizer, separator: str = DEFAULT_SEPARATOR) -> int:
@@ -90,11 +111,33 @@ class VectorPRM(nn.Module):
         return steps if step_mask is None else steps * step_mask.unsqueeze(-1)
 
     def step_rewards(self, input_ids, attention_mask, positions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """Raw outputs at the SEP positions (training): each head in its own units."""
         return self(input_ids, attention_mask, positions, step_mask)
+
+    def to_rewards(self, raw: torch.Tensor) -> torch.Tensor:
+        """[..., n_objectives] raw outputs (score, score_last, forward) -> rewards on the common
+        [0, 1] scale, each objective through its kind's link (`reward_link`). Every consumer that
+        compares or combines objectives (guided decoding, pair selection and margins, MODPO,
+        evaluation) reads these, never the raw outputs."""
+        if raw.shape[-1] != len(self.objectives):
+            raise ValueError(f"to_rewards: last dimension {raw.shape[-1]} is not the PRM's {len(self.objectives)} objectives")
+        return torch.stack([reward_link(self.label_kinds[o], raw[..., j]) for j, o in enumerate(self.objectives)], -1)
+
+    @torch.no_grad()
+    def rewards(self, tokenizer, prompt: list[dict], steps: list[str], max_length: int = 4096) -> torch.Tensor:
+        """[n_steps, n_objectives] rewards on the common scale (`to_rewards` of `score`)."""
+        return self.to_rewards(self.score(tokenizer, prompt, steps, max_length))
+
+    @torch.no_grad()
+    def rewards_last(self, tokenizer, prompt: list[dict], prefix: list[str], candidates: list[str],
+                     max_length: int = 4096) -> torch.Tensor:
+        """[K, n_objectives] rewards on the common scale (`to_rewards` of `score_last`)."""
+        return self.to_rewards(self.score_last(tokenizer, prompt, prefix, candidates, max_length))
 
     @torch.no_grad()
     def score(self, tokenizer, prompt: list[dict], steps: list[str], max_length: int = 4096) -> torch.Tensor:
-        """[n_steps, n_objectives] rewards of one response, in process (steps cut by truncation: NaN)."""
+        """[n_steps, n_objectives] raw outputs of one response, each head in its own units (logits,
+        values, BT scores; training and metrics), in process (steps cut by truncation: NaN)."""
         enc = encode_steps(tokenizer, prompt, steps, self.sep_id, max_length)
         dev = next(self.parameters()).device
         out = torch.full((len(steps), len(self.objectives)), float("nan"))
@@ -106,8 +149,8 @@ class VectorPRM(nn.Module):
     @torch.no_grad()
     def score_last(self, tokenizer, prompt: list[dict], prefix: list[str], candidates: list[str],
                    max_length: int = 4096) -> torch.Tensor:
-        """[K, n_objectives]: the reward of each candidate as the next step after `prefix`, one padded
-        forward for all K (guided decoding). A candidate cut by max_length scores NaN."""
+        """[K, n_objectives]: the raw output of each candidate as the next step after `prefix`, one padded
+        forward for all K (guided decoding reads `rewards_last`). A candidate cut by max_length scores NaN."""
         encs = [encode_steps(tokenizer, prompt, prefix + [c], self.sep_id, max_length) for c in candidates]
         dev = next(self.parameters()).device
         width = max(len(e["input_ids"]) for e in encs)
@@ -176,7 +219,7 @@ def build_prm(model_dir: str, objectives: list[str], label_kinds: dict[str, str]
         emb = backbone.get_input_embeddings().weight
         with gathered(emb, modifier_rank=0), torch.no_grad():
             emb[old:] = emb[:old].mean(0)
-    if unknown := set(label_kinds.values()) - {"soft", "hard", "outcome"}:
+    if unknown := set(label_kinds.values()) - set(LABEL_KINDS):
         raise ValueError(f"unknown label kinds {unknown}; use soft, hard or outcome")
     prm = VectorPRM(backbone, objectives, label_kinds, separator, sep_id)
     if head is not None:
@@ -194,8 +237,9 @@ def _messages(prompt):
 
 class PRMScorer:
     """A Ray Data batch scorer: `ds.map_batches(PRMScorer, fn_constructor_kwargs={"prm_dir": d}, concurrency=n)`.
-    Adds `step_rewards` (list per step of one reward per objective, in head order) to rows with
-    `prompt` and `steps` (trajectories) or `completions` (stepwise records)."""
+    Adds `step_rewards` (list per step of one reward per objective, in head order, on the common
+    [0, 1] scale of `VectorPRM.rewards`; NaN for a step cut by truncation) to rows with `prompt`
+    and `steps` (trajectories) or `completions` (stepwise records)."""
 
     def __init__(self, prm_dir: str, max_length: int = 4096, device: str | None = None):
         self.model, self.tok = VectorPRM.load(prm_dir)
@@ -207,7 +251,7 @@ class PRMScorer:
         import pyarrow as pa
 
         col = "steps" if "steps" in batch.column_names else "completions"
-        rewards = [self.model.score(self.tok, p, s, self.max_length).tolist()
+        rewards = [self.model.rewards(self.tok, p, s, self.max_length).tolist()
                    for p, s in zip(map(_messages, batch.column("prompt").to_pylist()), batch.column(col).to_pylist())]
         return batch.append_column("step_rewards", pa.array(rewards, pa.list_(pa.list_(pa.float32()))))
 
@@ -217,7 +261,11 @@ class ExternalPRM:
     "<extra_0>") as the scorer of one objective: the response is
     prompt + step_1 PH step_2 PH ..., and each step's score is read from the model's
     per-token logits at the placeholders: softmax(logits)[index] (`probability`, the
-    Qwen PRM's P(good step)), sigmoid of one logit, or the raw logit."""
+    Qwen PRM's P(good step)), sigmoid of one logit (`sigmoid`), or the raw logit (`logit`).
+    `rewards` maps them to the common [0, 1] scale as VectorPRM does: a probability is a soft
+    value (clamped), a raw logit goes through the sigmoid (the `hard` link)."""
+
+    SCORES = {"probability": "soft", "sigmoid": "soft", "logit": "hard"}  # score -> the label kind of its link
 
     def __init__(self, model_dir: str, placeholder: str = "<extra_0>", score: str = "probability", index: int = 1,
                  trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
@@ -226,6 +274,8 @@ class ExternalPRM:
 
         from pipeline.models.checkpoint import check_safetensors
 
+        if score not in self.SCORES:
+            raise ValueError(f"ExternalPRM({model_dir}): score {score!r}; use one of {sorted(self.SCORES)}")
         p = str(check_safetensors(model_dir))
         self.tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
         archs = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).architectures or []
@@ -239,7 +289,7 @@ class ExternalPRM:
 
     @torch.no_grad()
     def score(self, prompt: list[dict], steps: list[str], max_length: int = 4096) -> torch.Tensor:
-        """[n_steps] scores (NaN for steps cut by truncation)."""
+        """[n_steps] scores in the chosen `score` units (NaN for steps cut by truncation)."""
         enc = encode_steps(self.tok, prompt, steps, self.sep_id, max_length)
         out = torch.full((len(steps),), float("nan"))
         if not enc["positions"]:
@@ -256,3 +306,11 @@ class ExternalPRM:
             vals = logits[:, self.index]
         out[: len(vals)] = vals
         return out
+
+    def to_rewards(self, raw: torch.Tensor) -> torch.Tensor:
+        """Scores from `score` -> rewards on the common [0, 1] scale (`reward_link`)."""
+        return reward_link(self.SCORES[self.score_kind], raw)
+
+    def rewards(self, prompt: list[dict], steps: list[str], max_length: int = 4096) -> torch.Tensor:
+        """[n_steps] rewards on the common [0, 1] scale (NaN for steps cut by truncation)."""
+        return self.to_rewards(self.score(prompt, steps, max_length))

@@ -16,6 +16,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BOS = "<|begin_of_text|>"
 
 _WORDS = (
     "the a an of to and in is was it that for on with as at by from this be are or have not but had "
@@ -37,10 +38,14 @@ def _corpus(seed: int, n: int = 3000) -> list[str]:
 
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024, hidden: int = 128,
-                     layers: int = 2, heads: int = 2, max_positions: int = 2048) -> Path:
-    """Build, save (safetensors) and return the directory of a tiny random causal LM."""
+                     layers: int = 2, heads: int = 2, max_positions: int = 2048, bos: bool = False) -> Path:
+    """Build, save (safetensors) and return the directory of a tiny random causal LM.
+
+    bos=True: a Llama-3-like tokenizer whose post-processor adds a BOS to any text it
+    encodes with special tokens, and whose chat template writes the BOS itself, so a
+    rendered chat tokenised with special tokens gets two (what tests of that check)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from pipeline.models.checkpoint import save_pretrained
@@ -48,19 +53,23 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 10
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL + ([BOS] if bos else []),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    if bos:
+        bos_id = bpe.token_to_id(BOS)
+        bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, bos_id)])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None)
-    tok.chat_template = CHATML
+                                  bos_token=BOS if bos else None, unk_token=None)
+    tok.chat_template = ("{{ bos_token }}" if bos else "") + CHATML
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
         max_position_embeddings=max_positions, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
     )
     if config.head_dim != 64:
         raise ValueError(f"head_dim must be 64 for vLLM on CPU, got {config.head_dim}")

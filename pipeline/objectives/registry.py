@@ -10,6 +10,10 @@ Objectives are declared in config; adding one needs no change in pipeline/:
         kind: judged
         judge: {rubric: "Is the response helpful? ...", verdicts: {HELPFUL: 1, UNHELPFUL: 0}}
       - {name: engagement, kind: dialogue, judge: {callable: "..."}, user: {persona: "You are a student ..."}}
+
+Objectives are identified by task family and name: `objective_id` is the one rule. Two families
+that both have `accuracy` train two PRM outputs and two policy heads (`math_word/accuracy`,
+`tutoring/accuracy`) unless the config lists the name in `shared_objectives`.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class UserSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=r"^[^/]+$")  # no '/': it separates family and name in an id
     kind: Literal["verifiable", "judged", "dialogue"]
     splitter: str | None = None  # blank_lines | sentences | turns | "package.module:function"
     verifier: str | None = None  # "math" or "package.module:function" (verifiable)
@@ -79,6 +83,37 @@ class ObjectiveSpec(_Strict):
         if self.kind == "verifiable" and self.judge is not None:
             raise ValueError("a verifiable objective is scored by its verifier, not a judge")
         return self
+
+
+def objective_id(family: str, name: str, shared=()) -> str:
+    """The id an objective's labels, pairs, PRM output and policy head carry: `<family>/<name>`,
+    or the bare `name` when the config declares it shared (one head / output for every family with it)."""
+    return name if name in shared else f"{family}/{name}"
+
+
+def resolve_objective(key: str, ids, what: str = "objective") -> str:
+    """A user's reference to an objective (config key, request weight) as one of `ids`: the full id,
+    or a bare name that ends exactly one id. Unknown or ambiguous: a ValueError naming the candidates."""
+    ids = list(ids)
+    if key in ids:
+        return key
+    hits = [i for i in ids if i.rsplit("/", 1)[-1] == key]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ValueError(f"{what} {key!r} is ambiguous: it names {len(hits)} objectives {hits}; use the full id")
+    raise ValueError(f"{what} {key!r} is not an objective here; known objectives: {ids}")
+
+
+def resolve_keys(mapping: dict, ids, what: str = "objective") -> dict:
+    """`mapping` with every key resolved (resolve_objective); two keys naming one id is an error."""
+    out: dict = {}
+    for k, v in mapping.items():
+        i = resolve_objective(k, ids, what)
+        if i in out:
+            raise ValueError(f"{what} {k!r} names {i!r}, which another key already names")
+        out[i] = v
+    return out
 
 
 @dataclass

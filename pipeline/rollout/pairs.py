@@ -4,8 +4,10 @@
                 assistant turn; for dialogue tasks, the tutor's next turn), split
                 into steps by the task's splitter;
     scores      the vectorized PRM scores every step of every candidate in one pass
-                per candidate; per objective, step rewards become a response score
-                (`last`, `mean` or `min`); objectives in `score_with_objective` use
+                per candidate, as rewards on its common [0, 1] scale (VectorPRM.rewards:
+                each objective's kind through its own link, so margins and MODPO's
+                cross-objective margins compare like with like); per objective, step
+                rewards become a response score (`last`, `mean` or `min`); objectives in `score_with_objective` use
                 the task's own verifier or judge instead;
     pairs       per problem and objective: the best candidate against the worst,
                 kept when the score margin reaches `min_margin`.
@@ -67,6 +69,18 @@ def aggregate(step_scores: list[float], how: str) -> float:
     return float({"last": x[-1], "mean": x.mean(), "min": x.min()}[how])
 
 
+def prm_response_scores(cands: list[dict], j: int, how: str, source) -> list[float]:
+    """Response scores of PRM objective j from the candidates' `step_rewards` (PRMScorer: the common
+    [0, 1] scale). A reward outside it means the candidates were scored in raw PRM units (a file
+    cached by an older PRMScorer): refused, since its margins would mix logits with values."""
+    for c in cands:
+        if any(not 0.0 <= s[j] <= 1.0 for s in c["step_rewards"] if s[j] == s[j]):
+            raise ValueError(f"{source}: candidate {c['problem_id']}/{c['candidate']} has step rewards "
+                             f"{[s[j] for s in c['step_rewards']]} outside [0, 1] (raw PRM outputs from an older "
+                             "PRMScorer); delete the file to score the candidates again")
+    return [aggregate([s[j] for s in c["step_rewards"]], how) for c in cands]
+
+
 def select_pairs(cands: list[dict], scores: dict[str, list[float]], objectives_of_task: dict[str, list[str]],
                  min_margin: float) -> tuple[list[dict], dict]:
     """Best vs worst per (problem, objective) with margin >= min_margin; also counts of what was skipped."""
@@ -93,8 +107,9 @@ def select_pairs(cands: list[dict], scores: dict[str, list[float]], objectives_o
     return pairs, dict(skipped)
 
 
-def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: list[str]) -> dict[str, list[float]]:
-    """Scores from the tasks' own verifiers / judges (for objectives in score_with_objective)."""
+def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: list[str],
+                          shared=()) -> dict[str, list[float]]:
+    """Scores from the tasks' own verifiers / judges (for objectives in score_with_objective), by objective id."""
     from pipeline.tasks import get_task
     from pipeline.objectives import build_objectives
 
@@ -105,8 +120,8 @@ def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: l
     for task_name, idx in by_task.items():
         task = get_task(task_name)
         objs = build_objectives(task.objectives)
-        for n in names:
-            if n not in objs:
+        for name, n in task.objective_ids(shared).items():
+            if n not in out:
                 continue
             items = []
             for i in idx:
@@ -114,12 +129,12 @@ def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: l
                 meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
                 resp = [{"role": "assistant", "content": cands[i]["response"]}] if task.multi_turn else cands[i]["response"]
                 items.append({"prompt": p["prompt"], "response": resp, "reference": p["reference"], "meta": meta})
-            for i, s in zip(idx, objs[n].score_batch(items)):
+            for i, s in zip(idx, objs[name].score_batch(items)):
                 out[n][i] = float("nan") if s is None else float(s)
     return out
 
 
-def pair_agreement(pairs: list[dict], problems: dict[str, dict]) -> dict[str, dict[str, int]]:
+def pair_agreement(pairs: list[dict], problems: dict[str, dict], shared=()) -> dict[str, dict[str, int]]:
     """Per task/objective, how the task's own verifier or judge sees the pairs the PRM chose:
     chosen scored higher (agree), equal (tie), lower (disagree), or not scorable. A check of
     the PRM's pairs against the ground truth they stand in for."""
@@ -127,16 +142,18 @@ def pair_agreement(pairs: list[dict], problems: dict[str, dict]) -> dict[str, di
 
     items, tasks = [], []
     for p in pairs:
-        pid = p["id"][: -len(p["objective"]) - 1]  # "<problem id>-<objective>"
+        if not p["id"].endswith(f"-{p['objective']}"):
+            raise ValueError(f"pair {p['id']!r}: not '<problem id>-<objective id>' (objective {p['objective']!r})")
+        pid = p["id"][: -len(p["objective"]) - 1]  # cut by length: objective ids hold '/' and '-'
         task = problems[pid]["task"]
         tasks.append(task)
         items += [{"problem_id": pid, "task": task, "response": p[k]} for k in ("chosen", "rejected")]
-    scores = score_with_objectives(items, problems, sorted({p["objective"] for p in pairs})) if pairs else {}
+    scores = score_with_objectives(items, problems, sorted({p["objective"] for p in pairs}), shared) if pairs else {}
     out: dict[str, Counter] = defaultdict(Counter)
     for k, (p, task) in enumerate(zip(pairs, tasks)):
         c, r = scores[p["objective"]][2 * k], scores[p["objective"]][2 * k + 1]
         verdict = "unscored" if c != c or r != r else "agree" if c > r else "tie" if c == r else "disagree"
-        out[f"{task}/{p['objective']}"][verdict] += 1
+        out[f"{task}/{p['objective'].rsplit('/', 1)[-1]}"][verdict] += 1  # the family's own name
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
@@ -147,7 +164,8 @@ def run_build_pairs(cfg) -> dict:
     from pipeline.models.prm import PRMScorer
     from pipeline.models.registry import resolve_model
     from pipeline.engines.pool import map_with_engine
-    from pipeline.tasks import get_task
+    from pipeline.objectives import resolve_keys, resolve_objective
+    from pipeline.tasks import check_shared, get_task
     from pipeline.models.ref_logps import RefLogps, write_meta
 
     out = Path(cfg.out_dir)
@@ -174,23 +192,26 @@ def run_build_pairs(cfg) -> dict:
             pq.write_table(cands_t, tmp)
             tmp.replace(cand_file)
         cands = cands_t.to_pylist()
-        objectives_of_task = {t: get_task(t).objective_names for t in {c["task"] for c in cands}}
+        shared = check_shared(cfg.shared_objectives)
+        objectives_of_task = {t: list(get_task(t).objective_ids(shared).values()) for t in {c["task"] for c in cands}}
         names = sorted({o for os_ in objectives_of_task.values() for o in os_})
+        by_verifier = [resolve_objective(n, names, "score_with_objective entry") for n in cfg.score_with_objective]
+        how_of = resolve_keys(cfg.aggregate_per_objective, names, "aggregate_per_objective key")
         scores = {}
         prm_objs: list[str] = []
         if cfg.prm:
             prm_objs = json.loads((Path(cfg.prm) / "prm_config.json").read_text())["objectives"]
-        missing = [n for n in names if n not in prm_objs and n not in cfg.score_with_objective]
+        missing = [n for n in names if n not in prm_objs and n not in by_verifier]
         if missing:
             raise ValueError(f"objective(s) {missing} have no scorer: the PRM ({cfg.prm}) has {prm_objs}; "
                              "add them to score_with_objective or train the PRM on them")
         for n in names:
-            if n in cfg.score_with_objective:
+            if n in by_verifier:
                 continue
             j = prm_objs.index(n)
-            how = cfg.aggregate_per_objective.get(n, cfg.aggregate)
-            scores[n] = [aggregate([s[j] for s in c["step_rewards"]], how) for c in cands]
-        scores.update(score_with_objectives(cands, problems, [n for n in names if n in cfg.score_with_objective]))
+            how = how_of.get(n, cfg.aggregate)
+            scores[n] = prm_response_scores(cands, j, how, cand_file)
+        scores.update(score_with_objectives(cands, problems, by_verifier, shared))
         made, skipped = select_pairs(cands, scores, objectives_of_task, cfg.min_margin)
         pairs += made
         summary.update({"candidates": len(cands), "pairs_from_candidates": len(made), "skipped": skipped})
@@ -212,6 +233,13 @@ def run_build_pairs(cfg) -> dict:
     path = write_records(table, out / "pairs-00000.parquet", "preference")
     if cfg.ref_logps:
         write_meta(out, model_dir, cfg.dpo.max_length, cfg.dpo.max_prompt_length, cfg.dpo.ref_dtype)
+        # pairs whose prompt cannot fit whole turns (refused by the tokenisation: no reference log-probs);
+        # jobs.fit_policy refuses them again and writes the count beside its model
+        refused = table.column("ref_chosen_logp").null_count
+        summary["refused_too_long"] = refused
+        if refused:
+            log.warning("build_pairs: %d of %d pairs refused as too long for dpo.max_length / max_prompt_length",
+                        refused, table.num_rows)
     per_obj = defaultdict(int)
     for p in pairs:
         per_obj[p["objective"]] += 1

@@ -1,12 +1,14 @@
 """The steerable endpoint: a Ray Serve application with an OpenAI-compatible API.
 
-    GET  /health                  liveness
+    GET  /health                  liveness, and the replica's last batches (size, distinct weight vectors)
     GET  /v1/models               the policy (its objectives in head order) and the presets
     POST /v1/chat/completions     chat; `stream: true` for server-sent events
     POST /v1/completions          raw prompt
 
 Two extra request fields (pass them through `extra_body` with the openai client):
-    objective_weights  {objective: weight}: the head mix; finite, >= 0, not all zero; normalised
+    objective_weights  {objective: weight}: the head mix; finite, >= 0, not all zero; normalised. Keys are
+                       head ids (`math_word/accuracy`); a bare name (`concision`) names the one head
+                       it ends; a name two heads end (`accuracy`) is a 400 listing both
     guidance           {candidates, max_steps, max_step_tokens, boundary, temperature}: PRM-guided decoding
 
 Requests with different weights share one batch (`serve.batch`; each row has its own
@@ -18,6 +20,7 @@ its own deployment through the rollout engine (vLLM), selected by passing its na
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import time
@@ -87,13 +90,27 @@ class CompletionRequest(_Common):
 
 
 def check_weights(weights: dict[str, float] | None, objectives: list[str]) -> list[float]:
-    """Normalised weights in head order (equal when absent); a bad vector is a 400 naming the field."""
+    """Normalised weights in head order (equal when absent); a bad vector is a 400 naming the field.
+    Keys resolve to head ids (pipeline.objectives.resolve_keys): an ambiguous bare name is a 400."""
     from pipeline.models.multihead import validate_weights
+    from pipeline.objectives import resolve_keys
 
     try:
+        if weights is not None:
+            weights = resolve_keys(weights, objectives, "objective")
         return validate_weights(weights if weights is not None else [1.0] * len(objectives), objectives)
     except ValueError as e:
         raise APIError(400, f"objective_weights: {e}", "objective_weights") from None
+
+
+def prm_objective_map(mapping: dict[str, str], prm_objectives: list[str], heads: list[str]) -> dict[str, str]:
+    """ServeConfig.prm_objectives ({PRM objective: policy head}) with both sides resolved to ids."""
+    from pipeline.objectives import resolve_keys, resolve_objective
+
+    if mapping and not prm_objectives:
+        raise ValueError("prm_objectives is set but the server has no PRM (ServeConfig.prm)")
+    return {k: resolve_objective(v, heads, f"prm_objectives[{k!r}]: head")
+            for k, v in resolve_keys(mapping, prm_objectives, "prm_objectives key").items()}
 
 
 @serve.deployment
@@ -135,6 +152,8 @@ class SteerableLM:
 
             self.prm, self.prm_tok = VectorPRM.load(self.cfg.prm)
             self.prm.to(self.device).eval()
+        self.prm_objectives = prm_objective_map(self.cfg.prm_objectives, self.prm.objectives if self.prm else [],
+                                                self.objectives)
         self.presets = presets or {}
         self.api_key = None
         if self.cfg.api_key_env:
@@ -143,6 +162,8 @@ class SteerableLM:
                 raise RuntimeError(f"api_key_env={self.cfg.api_key_env!r} is set but that environment variable is empty")
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # the last batches' sizes and distinct weight vectors, shown by /health (batching is observable)
+        self.recent_batches: collections.deque = collections.deque(maxlen=32)
 
     # --- plumbing --------------------------------------------------------------------------
     async def _parse(self, request: Request, cls):
@@ -186,6 +207,8 @@ class SteerableLM:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[dict]) -> list[list[int]]:
         """Requests with different weights (and lengths) in one batch; grouped only by sampling settings."""
+        n = self.recent_batches[-1]["n"] + 1 if self.recent_batches else 1
+        self.recent_batches.append({"n": n, "size": len(jobs), "mixes": len({tuple(j["weights"]) for j in jobs})})
         return await asyncio.to_thread(self._generate_many, jobs)
 
     def _generate_many(self, jobs: list[dict]) -> list[list[int]]:
@@ -214,7 +237,7 @@ class SteerableLM:
         g = {**GuidanceDefaults().model_dump(), **self.cfg.guidance.model_dump(),
              **req.guidance.model_dump(exclude_none=True)}
         w = dict(zip(self.objectives, plan["weights"]))
-        prm_w = [w.get(self.cfg.prm_objectives.get(o, o), 0.0) for o in self.prm.objectives]
+        prm_w = [w.get(self.prm_objectives.get(o, o), 0.0) for o in self.prm.objectives]
         if sum(prm_w) <= 0:
             raise APIError(400, f"the PRM scores {self.prm.objectives}; none of them has a positive weight in this request",
                            "guidance")
@@ -320,7 +343,8 @@ class SteerableLM:
     # --- routes ----------------------------------------------------------------------------
     @app.get("/health")
     def health(self):
-        return {"status": "ok", "model": self.cfg.model_name, "objectives": self.objectives}
+        return {"status": "ok", "model": self.cfg.model_name, "objectives": self.objectives,
+                "recent_batches": list(self.recent_batches)}
 
     @app.get("/v1/models")
     def models(self, request: Request):
@@ -357,8 +381,13 @@ def build_app(cfg: ServeConfig):
         "prm": str(Path(cfg.prm).resolve()) if cfg.prm else None})
     presets = {}
     if cfg.presets:
+        from pipeline.objectives import resolve_keys
+
         policy = MultiHeadPolicy.load(cfg.model.name_or_path)
         tok = load_tokenizer(cfg.model.name_or_path)
+        # keys as head ids, so /v1/models and responses show what each preset weighs
+        cfg = cfg.model_copy(update={"presets": {name: resolve_keys(w, policy.objectives, f"presets.{name}: objective")
+                                                 for name, w in cfg.presets.items()}})
         for name, w in cfg.presets.items():
             out = Path(cfg.work_dir) / "presets" / name
             policy.export_merged(w, out, tok)  # validates the weights (a bad preset fails here, by name)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.data.io import write_records
+from pipeline.objectives.registry import objective_id
 from pipeline.tasks import assistant, math_word, tutoring
 
 
@@ -30,6 +31,10 @@ class TaskFamily:
     def objective_names(self) -> list[str]:
         return [o["name"] for o in self.objectives]
 
+    def objective_ids(self, shared=()) -> dict[str, str]:
+        """{name: id} of the family's objectives (pipeline.objectives.registry.objective_id)."""
+        return {n: objective_id(self.name, n, shared) for n in self.objective_names}
+
 
 TASKS: dict[str, TaskFamily] = {
     "math_word": TaskFamily("math_word", math_word.OBJECTIVES, math_word.generate, max_tokens=320),
@@ -43,6 +48,21 @@ def get_task(name: str) -> TaskFamily:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def check_shared(shared, extra: dict[str, list] | None = None) -> list[str]:
+    """`shared_objectives` from a config, checked: each must be an objective name of some family
+    (built-in, or an extra objective {task: [spec]}), so a typo is an error, not a silent split."""
+    known = {n for t in TASKS.values() for n in t.objective_names}
+    known |= {(o["name"] if isinstance(o, dict) else o.name) for specs in (extra or {}).values() for o in specs}
+    if unknown := sorted(set(shared) - known):
+        raise ValueError(f"shared_objectives: {unknown} is no task's objective; the tasks have {sorted(known)}")
+    return list(shared)
+
+
+def objective_ids(shared=(), tasks=None) -> dict[tuple[str, str], str]:
+    """{(family, name): id} over the built-in families (or `tasks`)."""
+    return {(t, n): i for t in (tasks or TASKS) for n, i in get_task(t).objective_ids(shared).items()}
 
 
 def splits(task: str, n_train: int, n_eval: int, seed: int) -> dict[str, tuple[list[dict], list[dict]]]:

@@ -2,8 +2,9 @@
 
     h      = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
     sigmoid  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = label_smoothing, cDPO)
-    ipo      (h - 1 / (2 beta))^2
-Rewards (logged) are beta (log pi - log pi_ref) of chosen and rejected.
+    ipo      (h - 1 / (2 beta))^2, with every log pi in h divided by its completion's token count
+             (TRL's convention: length-averaged log-probs, so beta means what it means in TRL)
+Rewards (logged) are beta (log pi - log pi_ref) of chosen and rejected (length-averaged for ipo).
 
 MODPO (Zhou et al. 2024), for a weight vector w and a pair of objective k whose responses are
 also scored on the other objectives (r_j, j != k):
@@ -20,8 +21,15 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
-    """Per-pair losses and the (detached) chosen / rejected rewards."""
+             label_smoothing: float = 0.0, lengths: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Per-pair losses and the (detached) chosen / rejected rewards. Log-probs are sums over the
+    completion; `lengths` (chosen, rejected completion token counts) is required by ipo."""
+    if loss_type == "ipo":
+        if lengths is None:
+            raise ValueError("loss_type ipo averages log-probs over completion tokens: pass lengths=(chosen, rejected)")
+        n_c, n_r = (x.to(pol_chosen.device, pol_chosen.dtype).clamp(min=1) for x in lengths)
+        pol_chosen, ref_chosen, pol_rejected, ref_rejected = (
+            pol_chosen / n_c, ref_chosen / n_c, pol_rejected / n_r, ref_rejected / n_r)
     h = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
     if loss_type == "sigmoid":
         loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -30,6 +38,11 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, lo
     else:
         raise ValueError(f"loss_type {loss_type!r}: use one of {LOSS_TYPES}")
     return loss, beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
+
+
+def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Completion token count per row (labels other than -100, after the causal shift)."""
+    return (labels[:, 1:] != -100).sum(-1)
 
 
 def modpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, scale: torch.Tensor,

@@ -18,6 +18,7 @@ the micro-batches of the interrupted epoch that were already consumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -56,6 +57,39 @@ class TrainSpec:
     params: dict = field(default_factory=dict)  # logged to the tracker
     # Name prefixes of parameters created from scratch (not loaded); they train at cfg.fresh_lr.
     fresh_params: tuple[str, ...] = ()
+    # (device) -> None, on every worker after deepspeed.initialize, inside whole_models(): loads what the
+    # loss needs besides the trained model (the MAH-DPO reference), the same way on every rank.
+    setup: Callable[[Any], None] | None = None
+
+
+@contextlib.contextmanager
+def whole_models():
+    """Models built inside are whole, unpartitioned ones, even in a ZeRO-3 training loop.
+
+    While an HfDeepSpeedConfig with stage 3 is alive, transformers' from_pretrained builds every model
+    under deepspeed.zero.Init: partitioned across the ranks, with empty local weights that only the
+    DeepSpeed engine's hooks gather. A frozen model outside the engine (a reference) must not be one:
+    its forward fails ('weight' must be 2-D), and an engine around it would run collectives that only
+    ranks with work for it join. The config is unset while inside and restored after."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    live = hf_ds._hf_deepspeed_config_weak_ref  # the only handle transformers keeps on the live config
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        obj = live() if live is not None else None
+        if obj is not None:
+            hf_ds.set_hf_deepspeed_config(obj)
+
+
+def check_whole(model: torch.nn.Module, what: str) -> None:
+    """Refuses a ZeRO-3 partitioned model where a whole one is needed (DeepSpeed tags partitioned
+    parameters with ds_id)."""
+    parted = [n for n, p in model.named_parameters() if hasattr(p, "ds_id")]
+    if parted:
+        raise RuntimeError(f"{what}: {len(parted)} parameters are ZeRO-3 partitioned (e.g. {parted[0]}); "
+                           "build it inside pipeline.train.harness.whole_models()")
 
 
 @dataclass
@@ -98,16 +132,15 @@ def plan_steps(num_rows: int, cfg: TrainConfig) -> tuple[int, int]:
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """transformers' schedules (the ones its Trainer uses): linear warmup from 0 over
+    `warmup_steps` (lr = lr * step / warmup_steps, so step 0 runs at lr 0), then constant,
+    linear decay to 0 or cosine decay to 0 at `total_steps`."""
+    from transformers import get_scheduler
 
-    return f
+    # transformers' "constant" ignores warmup; its warmup variant has another name
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
 def _mean_across_workers(metrics: dict[str, float], device) -> dict[str, float]:
@@ -203,9 +236,12 @@ def _train_loop(config: dict) -> None:
     # transformers' Trainer default too)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, spec.fresh_params), lr=cfg.lr, betas=cfg.betas,
                                   weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
+    if spec.setup is not None:  # every rank, here, so no rank starts a step (and its collectives) late
+        with whole_models():
+            spec.setup(engine.device)
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     ckpt = ray.train.get_checkpoint()
@@ -234,6 +270,10 @@ def _train_loop(config: dict) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
     step, last_metrics = state["step"], {}
     avg, t0 = _Averager(), time.time()
+    # Wall-clock marks for start-up and export cost (rank 0 writes <log_dir>/timings.json at the end)
+    # and token counts per logged step: real (attention mask) and padded, summed over the workers.
+    timings = {"launch": config.get("launch_time"), "loop_start": t0}
+    tokens = {"tokens": 0, "tokens_padded": 0}
 
     best = {"value": None}
 
@@ -273,7 +313,11 @@ def _train_loop(config: dict) -> None:
             micro += 1
             if micro <= skip:
                 continue
-            loss, metrics = spec.loss(engine, _to_device(spec.collate(np_batch), engine.device))
+            batch = spec.collate(np_batch)
+            if "attention_mask" in batch:  # counted on the host batch: no device sync
+                tokens["tokens"] += int(batch["attention_mask"].sum())
+                tokens["tokens_padded"] += batch["attention_mask"].numel()
+            loss, metrics = spec.loss(engine, _to_device(batch, engine.device))
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -283,7 +327,9 @@ def _train_loop(config: dict) -> None:
             step += 1
             done = step >= total_steps
             if step % cfg.log_every == 0 or done:
-                m = _mean_across_workers(avg.mean(), engine.device)
+                m = _mean_across_workers({**avg.mean(), **tokens}, engine.device)
+                for k in tokens:  # per optimizer step, summed over workers
+                    m[k] *= world / cfg.log_every
                 m.update(lr=scheduler.get_last_lr()[0], epoch=epoch + micro / max(1, steps_per_epoch * cfg.grad_accum),
                          step_time_s=(time.time() - t0) / cfg.log_every)
                 last_metrics = m
@@ -293,6 +339,9 @@ def _train_loop(config: dict) -> None:
                     metrics_file.flush()
                     tracker.log(m, step)
                 avg, t0 = _Averager(), time.time()
+                tokens = dict.fromkeys(tokens, 0)
+                timings.setdefault("first_step_end", t0)
+                timings["last_step_end"] = t0
             if bar:
                 bar.update(1)
             if step % cfg.checkpoint_every == 0 or done:
@@ -305,12 +354,15 @@ def _train_loop(config: dict) -> None:
         raise RuntimeError("no optimizer step ran: the data shard was empty")
 
     if config["export_dir"] and spec.export is not None:
+        timings["export_start"] = time.time()
         export(config["export_dir"])
+        timings["export_end"] = time.time()
     if bar:
         bar.close()
     if rank == 0:
         tracker.close()
         metrics_file.close()
+        Path(log_dir, "timings.json").write_text(json.dumps(timings))
 
 
 def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num_train_rows: int,
@@ -334,7 +386,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
             "spec": spec, "train": cfg.model_dump(), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "run_name": run_name, "log_dir": str(Path(log_dir).resolve()), "has_eval": "eval" in datasets,
             "export_dir": str(Path(export_dir).resolve()) if export_dir else None,
-            "progress_bar": sys.stderr.isatty(),
+            "progress_bar": sys.stderr.isatty(), "launch_time": time.time(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

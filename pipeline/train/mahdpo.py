@@ -32,9 +32,9 @@ import torch
 from pipeline.models.collate import PairCollate
 from pipeline.models.logps import causal_lm_logps
 from pipeline.models.multihead import MultiHeadPolicy, load_checked
-from pipeline.models.tokenize import encode_pair
-from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss
-from pipeline.train.harness import FitResult, TrainSpec
+from pipeline.models.tokenize import TOKENIZATION, encode_pair
+from pipeline.train.dpo_losses import completion_lengths, dpo_loss, modpo_loss, per_head_loss
+from pipeline.train.harness import FitResult, TrainSpec, check_whole, whole_models
 
 log = logging.getLogger(__name__)
 REF_META = "_ref_logps.json"
@@ -85,6 +85,9 @@ def tokenize_groups(batch: pa.Table, model_dir: str, max_length: int, max_prompt
     cols = {k: [] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")}
     for ps, cs, rs in zip(*(batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected"))):
         enc = [encode_pair(tok, json.loads(p), c, r, max_length, max_prompt_length) for p, c, r in zip(ps, cs, rs)]
+        if any(e["refused"] for e in enc):  # refuse_long_pairs removed these before grouping
+            raise ValueError(f"a pair's prompt does not fit max_prompt_length {max_prompt_length} even with its "
+                             "earliest turns dropped; run_fit_policy should have refused it (refuse_long_pairs)")
         for k in cols:
             cols[k].append([e[k] for e in enc])
     out = {k: pa.array(v, pa.list_(pa.list_(pa.int32()))) for k, v in cols.items()}
@@ -93,16 +96,29 @@ def tokenize_groups(batch: pa.Table, model_dir: str, max_length: int, max_prompt
     return pa.table(out)
 
 
+def _device_key(device) -> str:
+    return str(torch.empty(0, device=device).device)  # "cuda" and "cuda:0" are one device, one cache entry
+
+
 @functools.lru_cache(maxsize=1)
 def _reference(model_dir: str, dtype: str, device: str):
-    ref = load_checked(model_dir, dtype).to(device).eval()
+    # A whole, frozen copy in every worker, also under ZeRO-3 (whole_models): its forward runs no
+    # collective, so a rank whose batch has cached log-probs may skip it while another runs it.
+    with whole_models():
+        ref = load_checked(model_dir, dtype).to(device).eval()
+    check_whole(ref, f"reference model {model_dir}")
     ref.requires_grad_(False)
     return ref
 
 
+def load_reference(model_dir: str, dtype: str, device) -> None:
+    """TrainSpec.setup: every worker loads the reference before the first step (not mid-step in the loss)."""
+    _reference(model_dir, dtype, _device_key(device))
+
+
 @torch.no_grad()
 def reference_logps(model_dir: str, dtype: str, batch: dict) -> torch.Tensor:
-    ref = _reference(model_dir, dtype, str(batch["input_ids"].device))
+    ref = _reference(model_dir, dtype, _device_key(batch["input_ids"].device))
     return causal_lm_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
@@ -118,7 +134,9 @@ def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float
         r = reference_logps(ref_model, ref_dtype, batch)
         ref_c, ref_r = r[:n], r[n:]
     if torch.isnan(batch["modpo_scale"]).any():
-        losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, loss_type, label_smoothing)
+        n_tok = completion_lengths(batch["labels"])  # ipo averages log-probs over completion tokens (TRL)
+        losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, loss_type, label_smoothing,
+                                  lengths=(n_tok[:n], n_tok[n:]))
     else:
         losses, rc, rr = modpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, batch["modpo_scale"].to(logps.device),
                                     batch["modpo_margin"].to(logps.device), label_smoothing)
@@ -177,9 +195,10 @@ def export_soup(module: SoupMembers, state_dict: dict, out_dir: str, tokenizer_d
 
 
 def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf16: bool, params: dict | None = None,
-               soup: bool = False) -> TrainSpec:
+               soup: bool = False, needs_reference: bool = False) -> TrainSpec:
     """heads: the policy's head names; objectives: the names pairs are tagged with (metrics).
-    soup: one single-head model per head name instead of one multi-head model."""
+    soup: one single-head model per head name instead of one multi-head model.
+    needs_reference: some pairs lack cached reference log-probs; every worker loads the reference first."""
     build = SoupMembers.from_sft if soup else MultiHeadPolicy.from_sft
     return TrainSpec(
         build_model=functools.partial(build, model_dir, heads, dpo.noise_std, dpo.seed, "bfloat16" if bf16 else "float32",
@@ -191,6 +210,7 @@ def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf1
                                ref_dtype=dpo.ref_dtype),
         export=functools.partial(export_soup if soup else export_policy, tokenizer_dir=model_dir),
         params=params or {},
+        setup=functools.partial(load_reference, model_dir, dpo.ref_dtype) if needs_reference else None,
     )
 
 
@@ -202,7 +222,7 @@ def check_ref_meta(paths: list[str], model_dir: str, dpo) -> None:
             continue
         meta = json.loads(f.read_text())
         want = {"model": str(Path(model_dir).resolve()), "max_length": dpo.max_length,
-                "max_prompt_length": dpo.max_prompt_length, "dtype": dpo.ref_dtype}
+                "max_prompt_length": dpo.max_prompt_length, "dtype": dpo.ref_dtype, "tokenization": TOKENIZATION}
         bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if bad:
             raise ValueError(f"{f}: the cached reference log-probs were computed with other settings "
@@ -247,6 +267,26 @@ def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]],
             for i, o in enumerate(objectives)]
 
 
+def refuse_long_pairs(rows: list[dict], model_dir: str, dpo, out_dir: Path) -> list[dict]:
+    """The pairs encode_pair can tokenise; refused ones (the prompt's last user turn alone exceeds
+    max_prompt_length) are counted, logged and reported in out_dir/tokenization.json."""
+    tok = _tokenizer(model_dir)
+    kept, refused, truncated = [], [], 0
+    for r in rows:
+        e = encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], dpo.max_length, dpo.max_prompt_length)
+        (refused if e["refused"] else kept).append(r)
+        truncated += e["truncated"] and not e["refused"]
+    report = {"pairs": len(rows), "refused": len(refused), "truncated": truncated,
+              "refused_ids": [r["id"] for r in refused[:20]]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenization.json").write_text(json.dumps(report, indent=1))
+    if refused:
+        log.warning("fit_policy: %d of %d pairs refused: the prompt's last user turn alone exceeds "
+                    "dpo.max_prompt_length %d (e.g. %s); see %s", len(refused), len(rows), dpo.max_prompt_length,
+                    report["refused_ids"][:3], out_dir / "tokenization.json")
+    return kept
+
+
 def run_fit_policy(cfg) -> dict[str, FitResult]:
     """Fit the policy (pipeline.config.PolicyJobConfig); returns {name: FitResult} (one per soup member)."""
     import ray
@@ -254,6 +294,7 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
     from pipeline.data.io import read_records
     from pipeline.data.split import held_out
     from pipeline.models.registry import resolve_model
+    from pipeline.objectives.registry import resolve_keys, resolve_objective
     from pipeline.train.harness import fit
 
     model_dir = resolve_model(cfg.model.name_or_path)
@@ -261,11 +302,17 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         check_ref_meta(cfg.data.paths, model_dir, cfg.dpo)
     table, _ = read_records(cfg.data.paths, "preference", defaults=cfg.data.defaults,
                             skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=cfg.data.quarantine_dir)
-    rows = table.to_pylist()
+    rows = refuse_long_pairs(table.to_pylist(), model_dir, cfg.dpo, Path(cfg.output_dir))
     if cfg.dpo.recompute_ref:  # ignore cached values: each worker runs the SFT model as the reference
         for r in rows:
             r["ref_chosen_logp"] = r["ref_rejected_logp"] = None
-    objectives = cfg.objectives or sorted({r["objective"] for r in rows})
+    needs_reference = any(r.get("ref_chosen_logp") is None or r.get("ref_rejected_logp") is None for r in rows)
+    # config names are resolved against the data's objective ids (`math_word/accuracy`): a bare name
+    # that ends exactly one id means it; one that ends two is an error naming both, never a merge
+    in_data = sorted({r["objective"] for r in rows})
+    objectives = [resolve_objective(o, in_data, f"objectives ({cfg.data.paths}):") for o in cfg.objectives] or in_data
+    modpo_weights = resolve_keys(cfg.modpo_weights, objectives, "modpo_weights:")
+    dpo = cfg.dpo.model_copy(update={"loss_weights": resolve_keys(cfg.dpo.loss_weights, objectives, "dpo.loss_weights:")})
     by_obj: dict[str, list[dict]] = {o: [] for o in objectives}
     held: list[dict] = []
     for r in rows:
@@ -276,12 +323,9 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
     if empty:
         raise ValueError(f"no training pairs for objective(s) {empty} in {cfg.data.paths}")
     if cfg.method == "modpo":
-        unknown = sorted(set(cfg.modpo_weights) - set(objectives))
-        if unknown:
-            raise ValueError(f"modpo_weights names objective(s) {unknown} not among {objectives} ({cfg.data.paths})")
-        total = sum(cfg.modpo_weights.values())
-        modpo_terms([r for r in [r for rs in by_obj.values() for r in rs] + held if cfg.modpo_weights.get(r["objective"])],
-                    {o: w / total for o, w in cfg.modpo_weights.items()})
+        total = sum(modpo_weights.values())
+        modpo_terms([r for r in [r for rs in by_obj.values() for r in rs] + held if modpo_weights.get(r["objective"])],
+                    {o: w / total for o, w in modpo_weights.items()})
     index = {o: i for i, o in enumerate(objectives)}
     tok_kw = {"model_dir": model_dir, "max_length": cfg.dpo.max_length, "max_prompt_length": cfg.dpo.max_prompt_length}
 
@@ -289,7 +333,7 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         t = groups_table(groups, head_of, index)
         return ray.data.from_arrow(t).map_batches(tokenize_groups, fn_kwargs=tok_kw, batch_format="pyarrow")
 
-    runs = plan_runs(cfg.method, objectives, by_obj, held, cfg.dpo.seed, cfg.soup_together, cfg.modpo_weights)
+    runs = plan_runs(cfg.method, objectives, by_obj, held, dpo.seed, cfg.soup_together, modpo_weights)
     together = cfg.method == "soup" and cfg.soup_together
     results = {}
     out = Path(cfg.output_dir)
@@ -298,11 +342,12 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         datasets = {"train": dataset(groups, head_of)}
         if evals:
             datasets["eval"] = dataset([[r] for r in evals], {o: head_of.get(o, 0) for o in objectives})
-        spec = build_spec(model_dir, heads, objectives, cfg.dpo, cfg.train.bf16, soup=together,
-                          params={"method": cfg.method, "heads": heads, "model": model_dir, **cfg.dpo.model_dump()})
+        spec = build_spec(model_dir, heads, objectives, dpo, cfg.train.bf16, soup=together,
+                          needs_reference=needs_reference, params={"method": cfg.method, "heads": heads, "model": model_dir, **dpo.model_dump()})
         log.info("fit_policy[%s%s]: %d groups of %d pair(s), heads %s", cfg.method, f":{name}" if name else "",
                  len(groups), len(groups[0]), heads)
-        r = fit(spec, cfg.train, datasets, run_name=f"{cfg.run_name}{'-' + name if name else ''}",
+        # a soup member's name is an objective id ("math_word/accuracy"): no '/' in the Ray Train run name
+        r = fit(spec, cfg.train, datasets, run_name=f"{cfg.run_name}{'-' + name.replace('/', '-') if name else ''}",
                 num_train_rows=len(groups), log_dir=str(sub / "logs"), export_dir=str(sub / "model"))
         if together:  # one result per member, each with its own export
             import dataclasses

@@ -5,6 +5,11 @@ one example with a label vector per step, so one forward pass trains every
 objective that response has labels for; a missing label is NaN and masked. The
 loss follows each objective's label kind (pipeline.train.prm_losses), weighted
 per objective.
+
+A training row is a prompt group: the responses of one prompt that carry an outcome
+(Bradley-Terry) label travel together, so a shuffled micro-batch holds every pair of
+their prompt (pairs form only within a micro-batch); every other response is a group
+of one, so soft and hard objectives train as before. `micro_batch_size` counts groups.
 """
 
 from __future__ import annotations
@@ -44,6 +49,61 @@ def merge_stepwise(rows: list[dict], objectives: list[str]) -> list[dict]:
     return list(out.values())
 
 
+def outcome_score(example: dict, j: int) -> float | None:
+    """A response's outcome label for objective j: on its last step (pipeline.labeling: `outcome`
+    labels the last step only), where prm_loss reads it."""
+    return example["labels"][-1][j] if example["labels"] else None
+
+
+def group_examples(examples: list[dict], kinds: list[str]) -> list[dict]:
+    """Training rows {prompt, prompt_key, responses: [{completions, labels}]}: the responses of one
+    prompt with an outcome label (any outcome objective) in one group, so Bradley-Terry sees all
+    their pairs; every other response alone, in input order."""
+    outcome = [j for j, k in enumerate(kinds) if k == "outcome"]
+    groups: dict[str, dict] = {}
+    out = []
+    for e in examples:
+        resp = {"completions": e["completions"], "labels": e["labels"]}
+        if any(outcome_score(e, j) is not None for j in outcome):
+            g = groups.get(e["prompt_key"])
+            if g is None:
+                g = groups[e["prompt_key"]] = {"prompt": e["prompt"], "prompt_key": e["prompt_key"], "responses": []}
+                out.append(g)
+            g["responses"].append(resp)
+        else:
+            out.append({"prompt": e["prompt"], "prompt_key": e["prompt_key"], "responses": [resp]})
+    return out
+
+
+def outcome_pair_counts(groups: list[dict], objectives: list[str], kinds: list[str]) -> dict[str, tuple[int, int]]:
+    """Per outcome objective: (Bradley-Terry pairs, prompts with at least one) in grouped rows: every
+    two responses of a prompt whose outcome labels differ. Counted before tokenisation: a response
+    whose last step max_length cuts loses its pairs in training."""
+    out = {}
+    for j, (o, kind) in enumerate(zip(objectives, kinds)):
+        if kind != "outcome":
+            continue
+        pairs = prompts = 0
+        for g in groups:
+            sc = [x for r in g["responses"] if (x := outcome_score(r, j)) is not None]
+            n = sum(a > b for a in sc for b in sc)
+            pairs, prompts = pairs + n, prompts + (n > 0)
+        out[o] = (pairs, prompts)
+    return out
+
+
+def check_outcome_pairs(groups: list[dict], objectives: list[str], kinds: list[str]) -> dict[str, int]:
+    """Logs the pairs of every outcome objective; refuses one with none (it would train on nothing)."""
+    counts = outcome_pair_counts(groups, objectives, kinds)
+    for o, (pairs, prompts) in counts.items():
+        log.info("fit_prm: %s (outcome): %d pairs from %d prompts", o, pairs, prompts)
+        if pairs == 0:
+            raise ValueError(f"outcome objective {o!r} has no Bradley-Terry pair in the training data: no prompt has "
+                             "two responses with different outcome labels; sample more responses per prompt, or "
+                             "train it as a soft/hard objective (drop it from outcome_objectives)")
+    return {o: pairs for o, (pairs, _) in counts.items()}
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_dir: str, separator: str):
     from pipeline.models.checkpoint import load_tokenizer
@@ -54,15 +114,31 @@ def _tokenizer(model_dir: str, separator: str):
 
 
 def tokenize_prm(batch: pa.Table, model_dir: str, separator: str, max_length: int) -> pa.Table:
+    """Token ids, SEP positions and flat label vectors of each row: one response (`completions`,
+    `labels`), or a prompt group (`responses`, from group_examples: lists of those, + `n_responses`,
+    which PRMCollate flattens)."""
     tok, sep = _tokenizer(model_dir, separator)
-    enc = [encode_steps(tok, r["prompt"], r["completions"], sep, max_length, r["labels"]) for r in batch.to_pylist()]
-    keys = batch.column("prompt_key").to_pylist()
+    rows = batch.to_pylist()
+    # stable_hash, not hash(): str hashes are salted per process, and workers must agree
+    hashes = pa.array([stable_hash(r["prompt_key"], 7) for r in rows], pa.int64())
+    flat = lambda e: [x for row in e["labels"] for x in row]  # noqa: E731
+    if "responses" not in batch.column_names:
+        enc = [encode_steps(tok, r["prompt"], r["completions"], sep, max_length, r["labels"]) for r in rows]
+        return pa.table({
+            "input_ids": pa.array([e["input_ids"] for e in enc], pa.list_(pa.int32())),
+            "positions": pa.array([e["positions"] for e in enc], pa.list_(pa.int32())),
+            "labels": pa.array([flat(e) for e in enc], pa.list_(pa.float32())),
+            "prompt_hash": hashes,
+        })
+    enc = [[encode_steps(tok, r["prompt"], x["completions"], sep, max_length, x["labels"]) for x in r["responses"]]
+           for r in rows]
+    nested = lambda t: pa.list_(pa.list_(t))  # noqa: E731
     return pa.table({
-        "input_ids": pa.array([e["input_ids"] for e in enc], pa.list_(pa.int32())),
-        "positions": pa.array([e["positions"] for e in enc], pa.list_(pa.int32())),
-        "labels": pa.array([[x for row in e["labels"] for x in row] for e in enc], pa.list_(pa.float32())),
-        # stable_hash, not hash(): str hashes are salted per process, and workers must agree
-        "prompt_hash": pa.array([stable_hash(k, 7) for k in keys], pa.int64()),
+        "input_ids": pa.array([[e["input_ids"] for e in g] for g in enc], nested(pa.int32())),
+        "positions": pa.array([[e["positions"] for e in g] for g in enc], nested(pa.int32())),
+        "labels": pa.array([[flat(e) for e in g] for g in enc], nested(pa.float32())),
+        "prompt_hash": hashes,
+        "n_responses": pa.array([len(g) for g in enc], pa.int32()),
     })
 
 
@@ -158,24 +234,30 @@ def run_fit_prm(cfg) -> FitResult:
 
     from pipeline.data.io import read_records
     from pipeline.models.registry import resolve_model
+    from pipeline.objectives.registry import resolve_keys, resolve_objective
     from pipeline.train.harness import fit
 
     model_dir = resolve_model(cfg.model.name_or_path)
     table, report = read_records(cfg.data.paths, "stepwise", defaults=cfg.data.defaults,
                                  skip_bad_rows=cfg.data.skip_bad_rows, quarantine_dir=cfg.data.quarantine_dir)
     rows = table.to_pylist()
-    objectives = cfg.objectives or sorted({r["objective"] for r in rows})
+    # config names are resolved against the data's objective ids (`math_word/accuracy`): a bare name
+    # that ends exactly one id means it; one that ends two is an error naming both, never a merge
+    in_data = sorted({r["objective"] for r in rows})
+    objectives = [resolve_objective(o, in_data, f"objectives ({cfg.data.paths}):") for o in cfg.objectives] or in_data
+    outcome = {resolve_objective(o, objectives, "outcome_objectives:") for o in cfg.outcome_objectives}
+    loss_weights = resolve_keys(cfg.loss_weights, objectives, "loss_weights:")
     rows = [r for r in rows if r["objective"] in objectives] if cfg.objectives else rows
     kinds = []
     for o in objectives:
         seen = {r["label_kind"] for r in rows if r["objective"] == o}
         if not seen:
             raise ValueError(f"objective {o!r} has no rows in {cfg.data.paths}")
-        if o in cfg.outcome_objectives:
+        if o in outcome:
             kinds.append("outcome")
         elif seen == {"hard", "soft"}:
-            # e.g. math accuracy (MC values) and tutoring accuracy (judge votes): a 0/1 label is a
-            # valid soft target, so the objective trains on MSE throughout
+            # an objective declared shared across families (shared_objectives: [accuracy]: math MC
+            # values and tutoring judge votes): a 0/1 label is a valid soft target, so it trains on MSE
             log.warning("objective %r has soft and hard labels: all are trained as soft targets (MSE)", o)
             kinds.append("soft")
         elif len(seen) > 1:
@@ -194,19 +276,25 @@ def run_fit_prm(cfg) -> FitResult:
 
     train = [e for e in examples if not held_out(e["prompt_key"], cfg.data.eval_fraction)]
     evals = [e for e in examples if held_out(e["prompt_key"], cfg.data.eval_fraction)]
+    train_rows, eval_rows = group_examples(train, kinds), group_examples(evals, kinds)
+    pair_counts = check_outcome_pairs(train_rows, objectives, kinds)
+    if len(train_rows) < len(train):
+        log.info("fit_prm: %d responses in %d training rows (outcome responses grouped by prompt, up to %d per row)",
+                 len(train), len(train_rows), max(len(g["responses"]) for g in train_rows))
     tok_kw = {"model_dir": model_dir, "separator": cfg.separator, "max_length": cfg.max_length}
-    datasets = {"train": ray.data.from_arrow(pa.Table.from_pylist(train)).map_batches(tokenize_prm, fn_kwargs=tok_kw,
-                                                                                     batch_format="pyarrow")}
-    if evals:
-        datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(evals)).map_batches(
+    datasets = {"train": ray.data.from_arrow(pa.Table.from_pylist(train_rows)).map_batches(
+        tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")}
+    if eval_rows:
+        datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(eval_rows)).map_batches(
             tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
-    weights = [cfg.loss_weights.get(o, 1.0) for o in objectives]
+    weights = [loss_weights.get(o, 1.0) for o in objectives]
     head = initial_head(cfg, model_dir, objectives, kinds, train, evals)
     spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, head)
     spec.evaluate = functools.partial(prm_evaluate, objectives=objectives, kinds=kinds, collate=spec.collate)
     out = cfg.output_dir
-    result = fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train), log_dir=f"{out}/logs",
+    result = fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train_rows), log_dir=f"{out}/logs",
                  export_dir=f"{out}/model")
+    result.metrics.update({f"outcome_pairs/{o}": n for o, n in pair_counts.items()})
     if head and head.get("metrics"):  # the probe alone, beside what fine-tuning made of it
         result.metrics.update(head["metrics"])
     return result

@@ -3,7 +3,9 @@
     soft     MSE between the raw output and the target (MC values, hindsight targets);
     hard     binary cross-entropy on the output as a logit (judge votes, dialogue prefixes);
     outcome  Bradley-Terry on pairs of responses to the same prompt: -log sigmoid(r_w - r_l)
-             with r read at each response's last step.
+             with r read at each response's last step. Pairs form within a micro-batch, so
+             training rows are prompt groups (pipeline.train.prm.group_examples): every pair
+             of a prompt is in the micro-batch that holds its group.
 Each objective's loss is the mean over its labelled steps (or pairs); the total is the
 weighted mean over the objectives present in the batch.
 """

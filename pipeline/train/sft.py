@@ -7,10 +7,12 @@ averaged over the completion tokens of the micro-batch.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import SFTJobConfig
 from pipeline.data.stream import quarantine_count, read_dataset
@@ -36,7 +38,29 @@ def tokenize_sft(batch: pa.Table, model_dir: str, max_length: int, max_prompt_le
         "input_ids": pa.array([e["input_ids"] for e in enc], pa.list_(pa.int32())),
         "labels": pa.array([e["labels"] for e in enc], pa.list_(pa.int32())),
         "truncated": pa.array([int(e["truncated"]) for e in enc], pa.int8()),
+        "refused": pa.array([int(e["refused"]) for e in enc], pa.int8()),
     })
+
+
+def _drop_refused(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("refused"), 0)).drop_columns(["refused"])
+
+
+def tokenize_and_count(datasets: dict, tok_fn, out_dir: Path, max_prompt_length: int) -> tuple[dict, int]:
+    """Tokenised datasets without refused rows (prompt over max_prompt_length even with its earliest
+    turns dropped), the number of training rows left; counts in out_dir/tokenization.json and the log."""
+    report, out = {}, {}
+    for k, v in datasets.items():
+        t = v.map_batches(tok_fn, batch_format="pyarrow", batch_size=64).materialize()
+        n = t.count()
+        report[k] = {"rows": n, **{c: int(t.sum(c) or 0) if n else 0 for c in ("refused", "truncated")}}
+        if report[k]["refused"]:
+            log.warning("SFT %s: %d of %d rows refused: the prompt's last user turn alone exceeds "
+                        "sft.max_prompt_length %d", k, report[k]["refused"], n, max_prompt_length)
+        out[k] = t.map_batches(_drop_refused, batch_format="pyarrow")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenization.json").write_text(json.dumps(report, indent=1))
+    return out, report["train"]["rows"] - report["train"]["refused"]
 
 
 def sft_loss(model, batch):
@@ -72,13 +96,14 @@ def run_sft(cfg: SFTJobConfig) -> FitResult:
     if cfg.data.eval_fraction > 0:
         train, held = records.train_test_split(test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed)
         datasets = {"train": train, "eval": held}
-    n_train = datasets["train"].count()
     n_bad = quarantine_count(qdir)
     if n_bad:
         log.warning("%d bad SFT rows quarantined in %s", n_bad, qdir)
     tok_fn = functools.partial(tokenize_sft, model_dir=model_dir, max_length=cfg.sft.max_length,
                                max_prompt_length=cfg.sft.max_prompt_length)
-    datasets = {k: v.map_batches(tok_fn, batch_format="pyarrow", batch_size=64) for k, v in datasets.items()}
+    datasets, n_train = tokenize_and_count(datasets, tok_fn, out, cfg.sft.max_prompt_length)
+    if not n_train:
+        raise ValueError(f"no SFT rows left to train on: all were refused (see {out / 'tokenization.json'})")
     spec = build_spec(model_dir, cfg.train.bf16, params={"model": model_dir, **cfg.train.model_dump(exclude={"deepspeed", "tracker"})})
     return fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=n_train,
                log_dir=str(out / "logs"), export_dir=str(out / "model"))
