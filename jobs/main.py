@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = run_fit_policy(PolicyJobConfig(
             run_name=f"policy-{method}", output_dir=str(out), model=ModelConfig(name_or_path=sft_dir),
             data=DataConfig(paths=[str(run / "pairs")], eval_fraction=0.1), method=method, modpo_weights=weights,
+            soup_together=cfg.soup_together and method == "soup",
             dpo=cfg.dpo, train=cfg.policy_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
         return {name: {"model_dir": r.export_dir, "steps": r.step,
                        "metrics": {k: v for k, v in r.metrics.items() if k.startswith("eval/")}} for name, r in res.items()}
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     policies = {}
     for m in ("mahdpo", "single", "soup", "modpo"):
         policies[m] = stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m),
-                                 config={"dpo": cfg.dpo, "policy_train": cfg.policy_train},
+                                 config={"dpo": cfg.dpo, "policy_train": cfg.policy_train,
+                                         **({"soup_together": True} if m == "soup" and cfg.soup_together else {})},
                                  inputs=["sft", "build_pairs"],
                                  outputs=[run / f"policy_{m}", *fits(f"policy-{m}*")])
         release(f"policy-{m}*")

@@ -451,6 +451,9 @@ class MainJobConfig(Strict):
     # Ray Train checkpoints of finished fits (DeepSpeed state with the optimizer's: ~2 GB each for
     # SmolLM2, ~20 GB per run in all). Only an interrupted fit needs them; later stages read the exports.
     keep_train_checkpoints: bool = False
+    # The DPO soup's members in one Ray Train run (one start-up instead of one per objective; every
+    # member's weights and optimizer state in memory at once): the quick profile's tiny model.
+    soup_together: bool = False
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
