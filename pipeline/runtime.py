@@ -32,12 +32,26 @@ def default_env() -> dict[str, str]:
     }
 
 
+# Framework loggers whose warnings repeat without telling the user anything, quietened in every Ray worker.
+# Ray Train's placement-group cleaner asks the State API once a second whether the controller lives; a
+# local Ray without the dashboard has no State API, so each check logged a warning (825 lines in one main job).
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray's worker_process_setup_hook (runs in each worker process at start): quieten QUIET_LOGGERS."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def runtime_env(cfg: RayConfig) -> dict:
     env = default_env()
     env.update({k: os.environ[k] for k in FORWARDED if k in os.environ})
     user = dict(cfg.runtime_env)
     env.update({k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()})
-    return {**user, "env_vars": env}
+    return {"worker_process_setup_hook": "pipeline.runtime.quiet_worker_logs", **user, "env_vars": env}
 
 
 def job_runtime_env() -> dict:

@@ -62,7 +62,7 @@ def ray_session():
 
 
 CPU_VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-CPU_ENGINE = {"kind": "vllm", "dtype": "bfloat16", "max_model_len": 1024,
+CPU_ENGINE = {"kind": "vllm", "dtype": "auto", "max_model_len": 1024,
               "engine_args": {"kv_cache_memory_bytes": 128 << 20, "enable_chunked_prefill": False}, "env": CPU_VLLM_ENV}
 
 
@@ -72,7 +72,7 @@ def vllm_engine(tiny_model_dir):
     os.environ.update(CPU_VLLM_ENV)
     from pipeline.engines.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(tiny_model_dir, dtype="bfloat16", max_model_len=1024,
+    engine = VLLMEngine(tiny_model_dir, dtype="auto", max_model_len=1024,
                         engine_args=CPU_ENGINE["engine_args"])
     yield engine
     engine.shutdown()

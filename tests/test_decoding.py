@@ -176,6 +176,7 @@ def test_screened_copy_of_the_heads_is_made_once_per_model(tiny_model_dir, monke
     """Batches with their own mixes reuse the policy's bf16 copy; new head weights get a new one."""
     from pipeline.decoding import mixing
 
+    monkeypatch.setenv("MAHALO_BF16", "1")  # screening runs only where bf16 is fast; forced on to test it anywhere
     policy = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b", "c"], noise_std=0.05).eval()
     tok = load_tokenizer(tiny_model_dir)
     made, real = [], mixing.screen_copy
@@ -278,3 +279,14 @@ def test_combine_refuses_weights_that_select_nothing():
     for bad in ([0.0, 0.0], [1.0], [1.0, -1.0], [1.0, float("nan")]):
         with pytest.raises(ValueError, match="prm_weights"):
             combine(r, bad)
+
+
+def test_bf16_screening_follows_the_device(monkeypatch):
+    """The bf16 screening pass is skipped where bf16 has no hardware units (100x slower there)."""
+    from pipeline.decoding.mixing import can_screen
+
+    W = torch.zeros(2, 8, 4)
+    monkeypatch.setenv("MAHALO_BF16", "0")
+    assert not can_screen(W, 1.0)
+    monkeypatch.setenv("MAHALO_BF16", "1")
+    assert can_screen(W, 1.0)

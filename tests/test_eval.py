@@ -32,9 +32,9 @@ def test_eval_job_sweeps_weights_and_writes_report(tmp_path, tiny_model_dir, ste
 
     scored, real_materialise, real_score = [], ev.materialise, ts.score_task
 
-    def materialise(policy, weights, out_dir):  # each scored checkpoint is the last one materialised
+    def materialise(policy, weights, out_dir, dtype=None):  # each scored checkpoint is the last one materialised
         scored.append({"policy": policy["name"], "weights": dict(weights)})
-        return real_materialise(policy, weights, out_dir)
+        return real_materialise(policy, weights, out_dir, dtype)
 
     def score_task(task, problems, engine, **kw):
         res = real_score(task, problems, engine, **kw)
@@ -67,6 +67,10 @@ def test_eval_job_sweeps_weights_and_writes_report(tmp_path, tiny_model_dir, ste
     assert {r["objective"] for r in rows if r["task"] == "assistant"} == {"assistant/thoroughness", "assistant/concision"}
     assert {r["decoding"] for r in rows} == {"plain", "guided(K=1)", "guided(K=2)"}  # K=1: the same-problem baseline
     assert all(r["se"] >= 0 or r["n"] < 2 for r in rows)
+    assert all(len(r["scores"]) == len(r["problem_ids"]) == (1 if r["decoding"] != "plain" else 2) for r in rows)
+    resp = pq.read_table(tmp_path / "eval" / "responses.parquet").to_pylist()  # guided responses too
+    assert {r["decoding"] for r in resp} == {"plain", "guided(K=1)", "guided(K=2)"} and out["responses"]
+    assert len(resp) == 2 * 2 + 3 * 2 * 2 + 2  # tiny: 2 tasks x 2; steer: 3 points x 2 tasks x 2; guided: 2 x 1
     assert len([r for r in rows if r["policy"] == "tiny"]) == 4  # 2 tasks x 2 objectives
     assert (tmp_path / "eval" / "pareto_math_word.png").stat().st_size > 1000
     assert "hypervolume" in (tmp_path / "eval" / "eval.md").read_text()
@@ -85,36 +89,78 @@ def test_eval_job_sweeps_weights_and_writes_report(tmp_path, tiny_model_dir, ste
     assert shares[0] == 0.0 and shares[-1] == 1.0 and shares == sorted(shares), shares
 
 
-@pytest.mark.parametrize("ids", [False, True])
-def test_findings_from_hand_made_rows(ids):
-    """Rows name objectives by id (`assistant/concision`; ids=True) or by a shared bare name: same findings."""
+class FakeEngine:
+    """Stands in for a policy engine: its "checkpoint" names the policy and weights; MAH-DPO answers math
+    right when half or more of the weight is on accuracy, the others answer 0; replies grow with the
+    weight on a family's first objective."""
+
+    def __init__(self, answers, ckpt):
+        self.answers, self.ckpt, self.calls = answers, ckpt, 0
+
+    def reload_weights(self, ckpt):
+        self.ckpt = ckpt
+
+    def generate(self, prompts, n=1, seeds=None, **sampling):
+        policy, w = self.ckpt.split("|", 1)
+        w = json.loads(w)
+        first = next(iter(w.values()), 0.5)
+        out = []
+        for msgs in prompts:
+            ref = self.answers.get(msgs[-1]["content"])
+            if ref is not None:
+                right = policy == "MAH-DPO" and w.get("math_word/accuracy", 0) >= 0.5
+                out.append([f"We add it up step by step.\n\n\\boxed{{{ref if right else 0}}}"] * n)
+            else:
+                out.append([f"{policy} says" + " and more detail" * int(6 * first) + "."] * n)
+        return out
+
+
+def test_evaluate_keeps_per_problem_scores_and_writes_responses(tmp_path, monkeypatch):
+    """evaluate() with a fake engine (no model): every row keeps per-problem scores aligned by problem id and
+    a 95% interval; responses.parquet holds one row per (policy, weights, decoding, task, problem); the
+    report opens with the verdicts and shows steering examples."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    import pipeline.engines.pool as pool
+    import pipeline.eval.evaluate as ev
     from pipeline.eval.findings import findings
+    from pipeline.eval.report import write
+    from pipeline.tasks import assistant, math_word, tutoring
 
-    def oid(task, name):
-        return f"{task}/{name}" if ids else name
+    probs = math_word.generate(6, 0, "eval")[0] + assistant.generate(3, 0, "eval")[0] + tutoring.generate(2, 0, "eval")[0]
+    answers = {p["prompt"][-1]["content"]: p["reference"] for p in probs if p["task"] == "math_word"}
+    monkeypatch.setattr(ev, "materialise", lambda pol, w, out_dir, **kw: f"{pol['name']}|{json.dumps(w)}")
+    monkeypatch.setattr(pool, "make_engine", lambda cfg, ckpt: FakeEngine(answers, ckpt))
+    policies = [{"name": "sft", "kind": "hf", "path": "-"}, {"name": "MAH-DPO", "kind": "multihead", "path": "-", "sweep": True}]
+    rows = ev.evaluate(policies, probs, engine_cfg=SimpleNamespace(env={}), work_dir=str(tmp_path), points=5)
+    n_task = {"math_word": 6, "assistant": 3, "tutoring": 2}
+    assert len(rows) == 3 * 2 * (1 + 5)  # tasks x objectives x (sft + 5 sweep points)
+    for r in rows:
+        assert r["problem_ids"] == [p["id"] for p in probs if p["task"] == r["task"]] and len(r["scores"]) == n_task[r["task"]]
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"], r
+    acc = {(r["policy"], r["weights"]): r for r in rows if r["objective"] == "math_word/accuracy"}
+    assert acc[("sft", None)]["scores"] == [0.0] * 6
+    assert acc[("MAH-DPO", json.dumps({"math_word/accuracy": 1.0, "math_word/engagement": 0.0}))]["scores"] == [1.0] * 6
 
-    def row(policy, task, obj, mean, weights=None, decoding="plain", se=0.05):
-        return {"policy": policy, "task": task, "objective": oid(task, obj), "mean": mean, "n": 10, "se": se,
-                "weights": json.dumps({oid(task, k): v for k, v in weights.items()}) if weights else None,
-                "decoding": decoding}
+    resp = pq.read_table(tmp_path / "responses.parquet").to_pylist()
+    assert list(resp[0]) == list(ev.RESPONSE_COLUMNS)
+    assert len(resp) == sum(n_task.values()) * 6  # every problem once per (policy, weights)
+    assert len({(r["policy"], r["weights"], r["decoding"], r["task"], r["problem_id"]) for r in resp}) == len(resp)
+    dialogue = next(r for r in resp if r["task"] == "tutoring")
+    turns = json.loads(dialogue["response"])  # a dialogue is kept whole: tutor and student turns after the prompt
+    assert turns[0]["role"] == "assistant" and turns[1]["role"] == "user"
+    math_resp = next(r for r in resp if r["task"] == "math_word" and r["policy"] == "sft")
+    assert math_resp["response"].endswith("\\boxed{0}") and json.loads(math_resp["scores"])["math_word/accuracy"] == 0.0
+    assert json.loads(math_resp["prompt"])[-1]["content"] in answers
 
-    eq = {"thoroughness": 0.5, "concision": 0.5}
-    sweep = [({"thoroughness": 1.0, "concision": 0.0}, 0.6, 0.1), (eq, 0.5, 0.3), ({"thoroughness": 0.0, "concision": 1.0}, 0.2, 0.5)]
-    rows = [row("sft", "assistant", "thoroughness", 0.4), row("sft", "assistant", "concision", 0.2),
-            row("single-head DPO", "assistant", "thoroughness", 0.45), row("single-head DPO", "assistant", "concision", 0.35)]
-    rows += [row("MAH-DPO", "assistant", o, v, w) for w, t, c in sweep for o, v in (("thoroughness", t), ("concision", c))]
-    acc = {"accuracy": 0.5, "engagement": 0.5}
-    rows += [row("MAH-DPO", "math_word", "accuracy", 0.5, acc, "guided(K=1)"),
-             row("MAH-DPO", "math_word", "accuracy", 0.75, acc, "guided(K=4)")]
     f = findings(rows)
-    # F1: thoroughness 0.5 > 0.4 and concision 0.3 > 0.2 (math has no SFT rows: not counted)
-    assert f["F1"][0] is True and "noise 2 SE = 0.141" in f["F1"][1]
-    assert "assistant/thoroughness: MAH-DPO 0.500" in f["F1"][1] and "assistant/assistant" not in f["F1"][1] + f["F3"][1]
-    # F2: 0.5/0.3 vs 0.45/0.35: better in sum but not on both
-    assert f["F2"][0] is False and "not better on both" in f["F2"][1]
-    # F3: thoroughness 0.2 -> 0.5 -> 0.6 and concision 0.1 -> 0.3 -> 0.5 as their weight grows
-    assert f["F3"][0] is True and "0.200 -> 0.500 -> 0.600 (monotone up" in f["F3"][1]
-    # F4: K=4 beats K=1 on the same problems
-    assert f["F4"][0] is True and "guided(K=4) 0.750 vs K=1 0.500" in f["F4"][1]
-    rows[-1]["mean"] = 0.25
-    assert findings(rows)["F4"][0] is False
+    assert "math_word/accuracy (verifiable; must not drop): MAH-DPO 1.000 vs SFT 0.000" in f["F1"][1]
+    out = write(rows, tmp_path)
+    md = (tmp_path / "eval.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Scores") < md.index("## Steering examples")
+    assert "all weight on accuracy" in md and "| MAH-DPO | plain | accuracy 1, engagement 0 | 1.000 [1.000, 1.000]" in md
+    assert out["responses"] == str(tmp_path / "responses.parquet")
+    back = pq.read_table(tmp_path / "scores.parquet").to_pylist()
+    assert [r["scores"] for r in back] == [r["scores"] for r in rows]  # per-problem scores survive Parquet

@@ -39,6 +39,23 @@ def test_job_runtime_env_wins_and_never_conflicts(monkeypatch):
     assert ours["env_vars"]["TOKENIZERS_PARALLELISM"] == "false" and job_runtime_env() == {}
 
 
+def test_workers_quieten_the_placement_group_cleaner(ray_session):
+    """Every Ray worker runs our setup hook: the State API poller's once-a-second warning is off, the
+    rest of Ray's warnings are not."""
+    import logging
+
+    import ray
+
+    from pipeline.runtime import QUIET_LOGGERS
+
+    @ray.remote(num_cpus=0)
+    def levels():
+        return [logging.getLogger(n).getEffectiveLevel() for n in (*QUIET_LOGGERS, "ray.train")]
+
+    *quiet, other = ray.get(levels.remote())
+    assert all(level == logging.ERROR for level in quiet) and other < logging.ERROR
+
+
 @pytest.mark.slow
 def test_stage_submitted_as_ray_job_with_token_auth(tmp_path):
     """A local head with token auth; `ray job submit --working-dir . -- python -m jobs.label_steps` with

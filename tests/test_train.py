@@ -213,6 +213,26 @@ def test_fresh_parameters_get_their_own_learning_rate():
     assert [len(g["params"]) for g in param_groups(model, TrainConfig(lr=1e-5), ("head.",))] == [4]
 
 
+def test_metric_averaging_reads_tensors_once_per_logged_step(monkeypatch):
+    """Tensor metrics stay on their device across micro-batches (no .item() per micro-batch: a host sync
+    on a GPU); the mean is read when the step is logged. A collate's own token counts win over the mask
+    and never reach the loss."""
+    from pipeline.train.harness import _Averager, _count_tokens
+
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    avg = _Averager()
+    for v in (1.0, 2.0, 4.0):
+        avg.add({"loss": torch.tensor(v), "n": 3})
+    avg.add({"loss": torch.tensor([1.0, 1.0])})  # a per-row metric: its sum
+    assert reads == [] and torch.is_tensor(avg.sums["loss"])
+    assert avg.mean() == {"loss": 9.0 / 4, "n": 3.0}
+    packed = {"input_ids": torch.ones(1, 7, dtype=torch.long), "num_tokens": (7, 7)}
+    assert _count_tokens(packed) == (7, 7) and "num_tokens" not in packed
+    assert _count_tokens({"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}) == (3, 6)
+
+
 def test_metrics_with_different_keys_per_worker_average_over_those_that_have_them():
     """Regression: ranks with different metric keys once ran mismatched all_reduces and aborted gloo."""
     import multiprocessing as mp

@@ -80,8 +80,11 @@ def screened_tokens(h: torch.Tensor, W: torch.Tensor, coef: torch.Tensor, low: t
 
 def can_screen(W: torch.Tensor, top_p: float) -> bool:
     """Screening needs float32 heads (bf16 halves what is read), the whole distribution (top_p 1: the
-    Gumbel trick samples without it) and float32 accumulation of bf16 products (CUDA may reduce in bf16)."""
-    return W.dtype == torch.float32 and top_p >= 1.0 and (
+    Gumbel trick samples without it), float32 accumulation of bf16 products (CUDA may reduce in bf16)
+    and bf16 units: without them (an AVX2-only CPU) a bf16 matmul is ~100x slower than the float32 one."""
+    from pipeline.models.precision import fast_bf16
+
+    return W.dtype == torch.float32 and top_p >= 1.0 and fast_bf16(W.device) and (
         W.device.type == "cpu" or not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
 
 

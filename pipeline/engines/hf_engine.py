@@ -10,7 +10,7 @@ from pipeline.models.tokenize import prompt_ids, prompt_text
 
 
 class TransformersEngine:
-    def __init__(self, model_dir: str, dtype: str = "bfloat16", batch_size: int = 16, device: str | None = None):
+    def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 16, device: str | None = None):
         self.tok = load_tokenizer(model_dir)
         self.tok.padding_side = "left"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

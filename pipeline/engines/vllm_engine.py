@@ -40,12 +40,15 @@ class WeightReloader:
 class VLLMEngine:
     """`generate` (chat prompts) and `complete` (raw text prompts), n samples each."""
 
-    def __init__(self, model_dir: str, *, dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 2048,
+    def __init__(self, model_dir: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
                  engine_args: dict[str, Any] | None = None):
         from vllm import LLM
 
         from pipeline.models.checkpoint import check_safetensors, load_tokenizer
+        from pipeline.models.precision import resolve_dtype
 
+        # ours, not vLLM's "auto" (the checkpoint's dtype): bf16 only where the device has bf16 units
+        dtype = resolve_dtype(dtype)
         check_safetensors(model_dir)
         args = {"enable_prefix_caching": True, **(engine_args or {})}
         self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,

@@ -10,7 +10,12 @@ Guided decoding (the PRM picks each step among K candidates) runs in process on 
 multi-head policy (pipeline.decoding.guided), on `guided_problems` problems per task.
 
 Rows: {policy, weights (JSON, over the task's objective ids), decoding, task, objective (its id:
-`<family>/<name>`, or the bare name when shared), mean, n}. A task's weights name only its own ids.
+`<family>/<name>`, or the bare name when shared), mean, n, se, ci_low, ci_high (95% percentile bootstrap
+over problems), problem_ids, scores (per problem, aligned with problem_ids; None = unscored)}: two rows of
+one task can be paired problem by problem (pipeline.eval.stats). A task's weights name only its own ids.
+The responses go to `<work_dir>/responses.parquet`, one row per (policy, weights, decoding, task,
+problem_id): prompt (JSON), response (the final text; a dialogue's messages after the prompt as JSON),
+scores (JSON {objective id: score}).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.eval.task_scores import std_error
+from pipeline.eval.task_scores import problem_id, summarise
+
+RESPONSE_COLUMNS = ("policy", "weights", "decoding", "task", "problem_id", "prompt", "response", "scores")
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,9 @@ def task_objectives(task_name: str, shared=()) -> dict[str, str]:
     return get_task(task_name).objective_ids(shared)
 
 
-def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
-    """An ordinary single-head checkpoint of `policy` at `weights` (its objectives; others weigh 0)."""
+def materialise(policy: dict, weights: dict[str, float], out_dir: Path, dtype: str | None = None) -> Path:
+    """An ordinary single-head checkpoint of `policy` at `weights` (its objectives; others weigh 0), saved
+    in `dtype` (the engine's: "auto" resolves as the engine does)."""
     from pipeline.models.checkpoint import load_tokenizer
     from pipeline.models.multihead import MultiHeadPolicy, load_checked
     from pipeline.models.soup import merge_soup
@@ -72,12 +80,40 @@ def materialise(policy: dict, weights: dict[str, float], out_dir: Path) -> Path:
         m = merge_soup(list(dirs.values()), ws)
         path = next(iter(dirs.values()))
         w = [1.0]
-    return m.export_merged(w, out_dir, load_tokenizer(path))
+    return m.export_merged(w, out_dir, load_tokenizer(path), dtype=dtype)
+
+
+def score_row(policy: str, weights: dict | None, decoding: str, task: str, objective: str, summary: dict) -> dict:
+    """One evaluation row from an objective's summary (pipeline.eval.task_scores.summarise)."""
+    keep = ("mean", "n", "se", "ci_low", "ci_high", "problem_ids", "scores")
+    return {"policy": policy, "weights": json.dumps(weights) if weights else None, "decoding": decoding, "task": task,
+            "objective": objective, **{k: summary[k] for k in keep}}
+
+
+def response_rows(policy: str, weights: dict | None, decoding: str, task: str, episodes: list[dict],
+                  ids: dict[str, str]) -> list[dict]:
+    """One responses.parquet row per episode; `episodes[i]["scores"]` is keyed by objective name, stored by id."""
+    return [{"policy": policy, "weights": json.dumps(weights) if weights else None, "decoding": decoding, "task": task,
+             "problem_id": str(e["problem_id"]), "prompt": json.dumps(e["prompt"]),
+             "response": e["response"] if isinstance(e["response"], str) else json.dumps(e["response"]),
+             "scores": json.dumps({ids[k]: v for k, v in e.get("scores", {}).items()})} for e in episodes]
+
+
+def write_responses(responses: list[dict], path: Path) -> Path:
+    """responses.parquet (all columns strings, weights nullable); an empty evaluation writes an empty table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(c, pa.string()) for c in RESPONSE_COLUMNS])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(responses, schema=schema), path)
+    return path
 
 
 def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir: str, points: int = 3,
              temperature: float = 0.0, guided: dict | None = None, shared=()) -> list[dict]:
-    """Rows of per-objective means. `policies`: [{name, kind, path | paths, sweep: bool}]."""
+    """Rows of per-objective scores (see the module doc); writes `<work_dir>/responses.parquet`.
+    `policies`: [{name, kind, path | paths, sweep: bool}]."""
     from pipeline.eval.task_scores import score_task
     from pipeline.engines.pool import make_engine
 
@@ -90,9 +126,9 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
         for task in by_task:
             ws = sweep(list(task_objectives(task, shared).values()), points) if pol.get("sweep") else [None]
             plan += [(pol, task, w) for w in ws]
-    rows, engine = [], None
+    rows, responses, engine = [], [], None
     for i, (pol, task, w) in enumerate(plan):
-        ckpt = materialise(pol, w or {}, work / "merged" / f"m{i % 2}")
+        ckpt = materialise(pol, w or {}, work / "merged" / f"m{i % 2}", dtype=getattr(engine_cfg, "dtype", None))
         if engine is None:
             import os
 
@@ -102,22 +138,25 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
             engine.reload_weights(str(ckpt))
         res = score_task(task, by_task[task], engine, temperature=temperature, seed=0)
         ids = task_objectives(task, shared)
-        for obj, s in res["objectives"].items():
-            rows.append({"policy": pol["name"], "weights": json.dumps(w) if w else None, "decoding": "plain",
-                         "task": task, "objective": ids[obj], "mean": s["mean"], "n": s["n"], "se": s["se"]})
+        rows += [score_row(pol["name"], w, "plain", task, ids[obj], s) for obj, s in res["objectives"].items()]
+        responses += response_rows(pol["name"], w, "plain", task, res["episodes"], ids)
         log.info("eval %s %s %s: %s", pol["name"], task, w or "", {o: round(s["mean"], 3) for o, s in res["objectives"].items()})
     if engine is not None and hasattr(engine, "shutdown"):
         engine.shutdown()
     if guided:
-        rows += evaluate_guided(policies, by_task, **guided, shared=shared)
+        g_rows, g_responses = evaluate_guided(policies, by_task, **guided, shared=shared)
+        rows += g_rows
+        responses += g_responses
+    write_responses(responses, work / "responses.parquet")
     return rows
 
 
 def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm: str, tasks: list[str],
                     n_problems: int, candidates: int = 4, max_steps: int = 6, max_step_tokens: int = 64,
                     temperature: float = 0.7, policy_names: list[str] | None = None, dtype: str = "float32",
-                    shared=()) -> list[dict]:
-    """PRM-guided decoding on multi-head policies at equal weights over each task's objectives."""
+                    shared=()) -> tuple[list[dict], list[dict]]:
+    """PRM-guided decoding on multi-head policies at equal weights over each task's objectives.
+    -> (rows, response rows), as evaluate()'s."""
     from pipeline.decoding.guided import guided_generate
     from pipeline.models.checkpoint import load_tokenizer
     from pipeline.models.multihead import MultiHeadPolicy
@@ -127,9 +166,11 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
 
     import torch
 
-    prm_model, prm_tok = VectorPRM.load(prm, dtype=getattr(torch, dtype))
+    from pipeline.models.precision import resolve_dtype
+
+    prm_model, prm_tok = VectorPRM.load(prm, dtype=getattr(torch, resolve_dtype(dtype)))
     prm_model.eval()
-    rows = []
+    rows, responses = [], []
     for pol in policies:
         if pol["kind"] != "multihead" or (policy_names and pol["name"] not in policy_names):
             continue
@@ -160,11 +201,15 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
                                         max_new_tokens=task.max_tokens, boundary="blank_lines"
                                         if task_name == "math_word" else "sentences", temperature=temperature, seed=i)
                     meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
-                    items.append({"prompt": p["prompt"], "response": tok.decode(r.token_ids, skip_special_tokens=True),
-                                  "reference": p["reference"], "meta": meta})
+                    items.append({"problem_id": problem_id(p), "prompt": p["prompt"],
+                                  "response": tok.decode(r.token_ids, skip_special_tokens=True),
+                                  "reference": p["reference"], "meta": meta, "scores": {}})
+                eq, dec = {o: 1.0 / len(objs) for o in objs}, f"guided(K={k})"
                 for name, obj in build_objectives(task.objectives).items():
-                    ok = [s for s in obj.score_batch(items) if s is not None]
-                    rows.append({"policy": pol["name"], "weights": json.dumps({o: 1.0 / len(objs) for o in objs}),
-                                 "decoding": f"guided(K={k})", "task": task_name, "objective": ids[name],
-                                 "mean": float(np.mean(ok)) if ok else float("nan"), "n": len(ok), "se": std_error(ok)})
-    return rows
+                    scores = obj.score_batch(items)
+                    for it, s in zip(items, scores):
+                        it["scores"][name] = s
+                    summary = summarise([it["problem_id"] for it in items], scores)
+                    rows.append(score_row(pol["name"], eq, dec, task_name, ids[name], summary))
+                responses += response_rows(pol["name"], eq, dec, task_name, items, ids)
+    return rows, responses

@@ -47,11 +47,15 @@ def check_safetensors(path: str | Path) -> Path:
 
 
 def load_causal_lm(path: str | Path, dtype: str = "bfloat16", **kwargs):
-    """Load a Hugging Face causal LM from a safetensors checkpoint directory."""
+    """Load a Hugging Face causal LM from a safetensors checkpoint directory. dtype "auto": bfloat16
+    where this process's device has bf16 units, else float32 (pipeline.models.precision)."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.models.precision import resolve_dtype
+
     p = check_safetensors(path)
-    return AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], use_safetensors=True, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[resolve_dtype(dtype)], use_safetensors=True,
+                                                **kwargs)
 
 
 def load_tokenizer(path: str | Path):

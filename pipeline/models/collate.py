@@ -1,4 +1,4 @@
-"""Turning tokenised rows into padded tensors: SFT rows (PadCollate), preference pairs
+"""Turning tokenised rows into padded tensors: SFT rows (PadCollate, or PackCollate: padding-free), preference pairs
 (PairCollate: training and the cached reference log-probs), PRM examples (PRMCollate: training,
 the linear probe, evaluation)."""
 
@@ -33,7 +33,34 @@ class PadCollate:
         for i, row in enumerate(ids):
             mask[i, : len(row)] = 1
         out["attention_mask"] = torch.from_numpy(mask)
+        # python ints, counted on the host: the harness logs them without a device sync
+        out["num_tokens"] = (int(mask.sum()), int(mask.size))
         return out
+
+
+class PackCollate:
+    """Padding-free SFT: the micro-batch's rows concatenated into one row [1, sum(len)].
+    `position_ids` restart at 0 per example and there is no `attention_mask`: transformers then
+    finds the examples from the position ids (masking_utils.find_packed_sequence_indices) and
+    masks attention block-diagonally (sdpa/eager), or runs varlen attention (flash attention).
+    Each example's first label is -100, so no example learns to predict its first token from the
+    previous example's last. `num_tokens` is (real, padded) = (total, total): nothing is padding."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids, labels = batch["input_ids"], batch["labels"]
+        for i, (x, y) in enumerate(zip(ids, labels)):
+            if len(x) != len(y):
+                raise ValueError(f"PackCollate: row {i} has {len(x)} input_ids but {len(y)} labels")
+            if not len(x):
+                raise ValueError(f"PackCollate: row {i} is empty")
+        lab = [np.asarray(y, dtype=np.int64).copy() for y in labels]
+        for y in lab:
+            y[0] = IGNORE
+        total = sum(len(x) for x in ids)
+        return {"input_ids": torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))[None],
+                "labels": torch.from_numpy(np.concatenate(lab))[None],
+                "position_ids": torch.from_numpy(np.concatenate([np.arange(len(x), dtype=np.int64) for x in ids]))[None],
+                "num_tokens": (total, total)}
 
 
 class PairCollate:
@@ -63,10 +90,13 @@ class PairCollate:
 
 class PRMCollate:
     """Pads PRM rows: one response each, or prompt groups (rows with `n_responses`: lists of
-    responses, flattened here, each response keeping its group's `prompt_hash`)."""
+    responses, flattened here, each response keeping its group's `prompt_hash`).
+    packed: the responses are joined into one row [1, sum(len)] with `position_ids` restarting per
+    response and no attention mask (as PackCollate; transformers builds the block-diagonal mask), and
+    `positions` index that row (each response's SEP positions plus its offset): no compute on padding."""
 
-    def __init__(self, pad_id: int, n_objectives: int):
-        self.pad_id, self.n = pad_id, n_objectives
+    def __init__(self, pad_id: int, n_objectives: int, packed: bool = False):
+        self.pad_id, self.n, self.packed = pad_id, n_objectives, packed
 
     @staticmethod
     def flatten(batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -97,5 +127,20 @@ class PRMCollate:
             step_mask[i, :k] = 1
             if k:
                 labels[i, :k] = torch.as_tensor(np.asarray(batch["labels"][i], dtype=np.float32)).view(k, self.n)
-        return {"input_ids": input_ids, "attention_mask": att, "positions": positions, "step_mask": step_mask,
-                "labels": labels, "prompt_hash": torch.as_tensor(np.asarray(batch["prompt_hash"], dtype=np.int64))}
+        out = {"input_ids": input_ids, "attention_mask": att, "positions": positions, "step_mask": step_mask,
+               "labels": labels, "prompt_hash": torch.as_tensor(np.asarray(batch["prompt_hash"], dtype=np.int64)),
+               "num_tokens": (int(att.sum()), att.numel())}
+        return self._pack(out, [len(x) for x in ids]) if self.packed else out
+
+    @staticmethod
+    def _pack(out: dict, lengths: list[int]) -> dict:
+        starts = np.cumsum([0, *lengths[:-1]])
+        keep = out["attention_mask"].bool()
+        out["input_ids"] = out["input_ids"][keep][None]
+        out["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+        # a padding step's position stays 0 (masked by step_mask, as in the padded layout)
+        out["positions"] = (out["positions"] + torch.as_tensor(starts)[:, None]) * out["step_mask"].long()
+        del out["attention_mask"]
+        total = sum(lengths)
+        out["num_tokens"] = (total, total)
+        return out

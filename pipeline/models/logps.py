@@ -29,3 +29,16 @@ def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     keep = labels.shape[1] - max(first - 1, 0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     return sequence_logps(logits, labels[:, -keep:])
+
+
+def packed_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H] for right-padded rows, computed on the rows packed into one
+    [1, sum(lengths)] row: position ids restart per row and transformers masks block-diagonally (sdpa,
+    eager; varlen kernels on GPU), so no compute goes to padding. Padding positions come back as zeros;
+    everything downstream (labelled positions, per-row sums) reads the padded layout unchanged."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1).tolist()
+    pos = torch.cat([torch.arange(n, device=input_ids.device) for n in lengths])[None]
+    # use_cache=False: with a cache transformers ignores packed position ids (one causal mask over all rows)
+    h = decoder(input_ids=input_ids[mask][None], position_ids=pos, use_cache=False).last_hidden_state[0]
+    return h.new_zeros(*mask.shape, h.shape[-1]).masked_scatter(mask.unsqueeze(-1), h)

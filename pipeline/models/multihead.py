@@ -169,13 +169,24 @@ class MultiHeadPolicy(nn.Module):
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     def forward(self, input_ids, attention_mask=None, head_ids=None, weights=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None, heads=None, labels=None):
+                use_cache: bool = False, logits_to_keep: int = 0, position_ids=None, heads=None, labels=None,
+                packed: bool = False):
         """Logits of each example's routed head (`head_ids`: int or [B]) or of its mix (`weights`: [H] or [B, H]).
         `heads` ([U, vocab, hidden]) replaces the model's heads for `head_ids`: merged heads computed once
         per weight vector (see merge_rows), so a mix costs one projection per token.
-        With `labels` (and `head_ids`): SequenceLogps, each row's summed log-probs of its labelled tokens."""
+        With `labels` (and `head_ids`): SequenceLogps, each row's summed log-probs of its labelled tokens;
+        `packed` runs the backbone on the right-padded rows packed into one (models.logps.packed_hidden):
+        the same values, no compute on padding."""
         if (head_ids is None) == (weights is None):
             raise ValueError("pass exactly one of head_ids (training) or weights (mixing)")
+        if packed:
+            if labels is None or attention_mask is None or past_key_values is not None:
+                raise ValueError("packed: only for scoring labelled, right-padded rows (labels and attention_mask, "
+                                 "no cache)")
+            from pipeline.models.logps import packed_hidden
+
+            return SequenceLogps(self.labelled_logps(packed_hidden(self.base.get_decoder(), input_ids, attention_mask),
+                                                     head_ids, labels))
         out = self.hidden(input_ids, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
                           position_ids=position_ids)
         h = out.last_hidden_state
@@ -305,13 +316,18 @@ class MultiHeadPolicy(nn.Module):
         as loaded."""
         return cls(load_checked(path, dtype), objectives, noise_std=noise_std, seed=seed, head_rank=head_rank)
 
-    def export_merged(self, weights, out_dir: str | Path, tokenizer=None) -> Path:
-        """An ordinary single-head causal LM whose (untied) LM head is sum_i w_i W_i."""
+    def export_merged(self, weights, out_dir: str | Path, tokenizer=None, dtype: str | None = None) -> Path:
+        """An ordinary single-head causal LM whose (untied) LM head is sum_i w_i W_i, saved in `dtype`
+        ("auto" resolves; None: the model's own): the dtype of the engine that loads it, which otherwise
+        casts every tensor and says so (vLLM: one warning per weight)."""
         import copy
 
-        from pipeline.models.checkpoint import save_pretrained
+        from pipeline.models.checkpoint import DTYPES, save_pretrained
+        from pipeline.models.precision import resolve_dtype
 
         base = copy.deepcopy(self.base).cpu()
+        if dtype is not None:
+            base = base.to(DTYPES[resolve_dtype(dtype)])
         head = self.merged_head(weights).to(base.get_input_embeddings().weight.dtype)
         if base.config.tie_word_embeddings:
             base.config.tie_word_embeddings = False

@@ -98,14 +98,21 @@ class VectorPRM(nn.Module):
         return self.backbone.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, step_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, step_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (raw: values / logits). Without `positions`: at every position,
         [batch, seq, n_objectives]; with them: at the SEP positions, [batch, max_steps, n_objectives]
-        (padding steps are zeros; `step_mask` marks the real ones)."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        (padding steps are zeros; `step_mask` marks the real ones).
+        Packed (PRMCollate(packed=True)): input_ids [1, T] holds every response, `position_ids` restart
+        per response, `positions` [batch, max_steps] index that one row."""
+        kw = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+        # use_cache=False: with a cache transformers ignores packed position ids (one causal mask over all)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         out = self.head(h.to(self.head.weight.dtype))
         if positions is None:
             return out
+        if out.shape[0] == 1:
+            out = out.expand(positions.shape[0], -1, -1)  # packed: every response reads the one row
         idx = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, out.shape[-1])
         steps = out.gather(1, idx)
         return steps if step_mask is None else steps * step_mask.unsqueeze(-1)

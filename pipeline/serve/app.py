@@ -390,7 +390,8 @@ def build_app(cfg: ServeConfig):
                                                  for name, w in cfg.presets.items()}})
         for name, w in cfg.presets.items():
             out = Path(cfg.work_dir) / "presets" / name
-            policy.export_merged(w, out, tok)  # validates the weights (a bad preset fails here, by name)
+            # validates the weights (a bad preset fails here, by name); saved in the preset engine's dtype
+            policy.export_merged(w, out, tok, dtype=cfg.preset_engine.dtype)
             eng = cfg.preset_engine
             presets[name] = PresetLM.options(name=f"preset-{name}", ray_actor_options={
                 "num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}).bind(str(out.resolve()), eng.model_dump())

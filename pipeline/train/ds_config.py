@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 from pipeline.config import TrainConfig
+from pipeline.models.precision import resolve_bf16
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -30,7 +31,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.max_grad_norm,
-        "bf16": {"enabled": cfg.bf16},
+        # resolved here, in the worker: "auto" follows the worker's device (pipeline.models.precision)
+        "bf16": {"enabled": resolve_bf16(cfg.bf16)},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # the harness logs; DeepSpeed's own prints only add noise

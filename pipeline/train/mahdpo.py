@@ -32,6 +32,7 @@ import torch
 from pipeline.models.collate import PairCollate
 from pipeline.models.logps import causal_lm_logps
 from pipeline.models.multihead import MultiHeadPolicy, load_checked
+from pipeline.models.precision import dtype_name
 from pipeline.models.tokenize import TOKENIZATION, encode_pair
 from pipeline.train.dpo_losses import completion_lengths, dpo_loss, modpo_loss, per_head_loss
 from pipeline.train.harness import FitResult, TrainSpec, check_whole, whole_models
@@ -123,12 +124,12 @@ def reference_logps(model_dir: str, dtype: str, batch: dict) -> torch.Tensor:
 
 
 def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float], beta: float, loss_type: str,
-                label_smoothing: float, ref_model: str, ref_dtype: str):
+                label_smoothing: float, ref_model: str, ref_dtype: str, padding_free: bool = False):
     n = batch["head"].numel()
     heads = batch["head"]
     # chosen and rejected in one forward; only their completion tokens are projected on the vocabulary
     logps = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], head_ids=torch.cat([heads, heads]),
-                  labels=batch["labels"]).logps
+                  labels=batch["labels"], packed=padding_free).logps
     ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
     if torch.isnan(ref_c).any() or torch.isnan(ref_r).any():
         r = reference_logps(ref_model, ref_dtype, batch)
@@ -179,7 +180,8 @@ class SoupMembers(torch.nn.Module):
         for j in torch.unique(head_ids).tolist():
             idx = (head_ids == j).nonzero().squeeze(1)
             out = self.members[j](input_ids.index_select(0, idx), attention_mask.index_select(0, idx), head_ids=0,
-                                  labels=None if labels is None else labels.index_select(0, idx))
+                                  labels=None if labels is None else labels.index_select(0, idx),
+                                  packed=kw.get("packed", False))
             parts.append(out.logits if labels is None else out.logps)
             order.append(idx)
         joined = torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
@@ -201,13 +203,13 @@ def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf1
     needs_reference: some pairs lack cached reference log-probs; every worker loads the reference first."""
     build = SoupMembers.from_sft if soup else MultiHeadPolicy.from_sft
     return TrainSpec(
-        build_model=functools.partial(build, model_dir, heads, dpo.noise_std, dpo.seed, "bfloat16" if bf16 else "float32",
+        build_model=functools.partial(build, model_dir, heads, dpo.noise_std, dpo.seed, dtype_name(bf16),
                                       dpo.head_rank),
         collate=PairCollate(_tokenizer(model_dir).pad_token_id),
         loss=functools.partial(mahdpo_loss, objectives=objectives,
                                head_weights=[dpo.loss_weights.get(h, 1.0) for h in heads], beta=dpo.beta,
                                loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing, ref_model=model_dir,
-                               ref_dtype=dpo.ref_dtype),
+                               ref_dtype=dpo.ref_dtype, padding_free=dpo.padding_free),
         export=functools.partial(export_soup if soup else export_policy, tokenizer_dir=model_dir),
         params=params or {},
         setup=functools.partial(load_reference, model_dir, dpo.ref_dtype) if needs_reference else None,

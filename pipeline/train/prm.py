@@ -143,7 +143,8 @@ def tokenize_prm(batch: pa.Table, model_dir: str, separator: str, max_length: in
 
 
 def prm_loss(model, batch, objectives: list[str], kinds: list[str], weights: list[float]):
-    pred = model(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["step_mask"])
+    pred = model(batch["input_ids"], batch.get("attention_mask"), batch["positions"], batch["step_mask"],
+                 position_ids=batch.get("position_ids"))
     losses = masked_step_losses(pred, batch["labels"], kinds)
     n_steps = batch["step_mask"].sum(1).long()
     last = (n_steps - 1).clamp(min=0)
@@ -187,11 +188,11 @@ def label_priors(examples: list[dict], kinds: list[str]) -> list[float]:
 
 
 def build_spec(model_dir: str, objectives: list[str], kinds: list[str], weights: list[float] | None = None,
-               separator: str = DEFAULT_SEPARATOR, head: dict | None = None) -> TrainSpec:
+               separator: str = DEFAULT_SEPARATOR, head: dict | None = None, padding_free: bool = False) -> TrainSpec:
     tok, _ = _tokenizer(model_dir, separator)
     return TrainSpec(
         build_model=functools.partial(_build, model_dir, objectives, kinds, separator, head),
-        collate=PRMCollate(tok.pad_token_id, len(objectives)),
+        collate=PRMCollate(tok.pad_token_id, len(objectives), packed=padding_free),
         loss=functools.partial(prm_loss, objectives=objectives, kinds=kinds, weights=weights or [1.0] * len(objectives)),
         export=functools.partial(export_prm, tokenizer_dir=model_dir),
         params={"model": model_dir, "objectives": objectives, "kinds": kinds},
@@ -208,8 +209,9 @@ def prm_evaluate(model, shard, micro_batch_size: int, objectives: list[str], kin
     preds, labels, groups = [], [], []
     for np_batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=False):
         b = collate(np_batch)
-        dev = {k: v.to(model.device) for k, v in b.items()}
-        out = model(dev["input_ids"], dev["attention_mask"], dev["positions"], dev["step_mask"])
+        dev = {k: v.to(model.device) for k, v in b.items() if torch.is_tensor(v)}  # not num_tokens
+        out = model(dev["input_ids"], dev.get("attention_mask"), dev["positions"], dev["step_mask"],
+                    position_ids=dev.get("position_ids"))
         mask = b["step_mask"] > 0
         preds.append(out.float().cpu()[mask].numpy())
         labels.append(b["labels"][mask].numpy())
@@ -289,7 +291,7 @@ def run_fit_prm(cfg) -> FitResult:
             tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
     weights = [loss_weights.get(o, 1.0) for o in objectives]
     head = initial_head(cfg, model_dir, objectives, kinds, train, evals)
-    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, head)
+    spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, head, padding_free=cfg.padding_free)
     spec.evaluate = functools.partial(prm_evaluate, objectives=objectives, kinds=kinds, collate=spec.collate)
     out = cfg.output_dir
     result = fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train_rows), log_dir=f"{out}/logs",

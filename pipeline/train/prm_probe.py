@@ -21,6 +21,8 @@ import logging
 import numpy as np
 import torch
 
+from pipeline.models.precision import dtype_name, resolve_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -91,7 +93,7 @@ def probe_head(model_dir: str, objectives: list[str], kinds: list[str], separato
     from pipeline.models.prm import build_prm
     from pipeline.train.prm_metrics import objective_metrics
 
-    dtype = torch.bfloat16 if bf16 else torch.float32  # the features training starts from
+    dtype = getattr(torch, resolve_dtype(dtype_name(bf16)))  # the features training starts from
     model, tok = build_prm(model_dir, objectives, dict(zip(objectives, kinds)), separator, dtype=dtype)
     model.eval().to("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     x, y = step_features(model, tok, train, max_length)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from pipeline.config import SFTJobConfig
 from pipeline.data.stream import quarantine_count, read_dataset
 from pipeline.models.checkpoint import load_causal_lm, load_tokenizer, save_pretrained
 from pipeline.models.registry import resolve_model
-from pipeline.models.tokenize import encode_prompt_completion
-from pipeline.models.collate import PadCollate
+from pipeline.models.tokenize import IGNORE, encode_prompt_completion
+from pipeline.models.collate import PackCollate, PadCollate
+from pipeline.models.precision import dtype_name
 from pipeline.train.harness import FitResult, TrainSpec, fit
 
 log = logging.getLogger(__name__)
@@ -63,20 +65,65 @@ def tokenize_and_count(datasets: dict, tok_fn, out_dir: Path, max_prompt_length:
     return out, report["train"]["rows"] - report["train"]["refused"]
 
 
+CHUNK_TOKENS = 1024  # labelled tokens whose float32 log-softmax is computed at once
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Summed cross-entropy of logits [N, vocab] (the model's dtype) against targets [N] (IGNORE
+    rows count nothing), in float32, CHUNK_TOKENS rows at a time. Saves the logits only and
+    recomputes each chunk's softmax in backward, so no [N, vocab] float32 tensor exists
+    (F.cross_entropy on upcast logits keeps the float32 copy's log-softmax for backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        ctx.save_for_backward(logits, targets)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for z, y in zip(logits.split(CHUNK_TOKENS), targets.split(CHUNK_TOKENS)):
+            z, m = z.float(), y != IGNORE
+            nll = z.logsumexp(-1) - z.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+            total += nll.where(m, 0.0).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for z, y, g in zip(logits.split(CHUNK_TOKENS), targets.split(CHUNK_TOKENS), out.split(CHUNK_TOKENS)):
+            p, m = z.float().softmax(-1), y != IGNORE
+            p[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
+            g.copy_(p.mul_((m * grad)[:, None]))
+        return out, None
+
+
 def sft_loss(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    n_tokens = (batch["labels"][:, 1:] != -100).sum()
-    return out.loss, {"completion_tokens": n_tokens}
+    """Mean next-token cross-entropy over the micro-batch's labelled tokens (what HF's `out.loss`
+    is). Only the positions that predict a labelled token are projected on the vocabulary
+    (`logits_to_keep` = their indices): prompt and padding cost no [vocab] row. Padded batches
+    [B, T] keep the union over rows (a row's unlabelled kept positions count nothing); packed
+    batches [1, T] (PackCollate) keep exactly the labelled ones. Through the model's own forward,
+    so a DeepSpeed engine (ZeRO-3 included) gathers the LM head as usual."""
+    tgt = batch["labels"][:, 1:]
+    keep = (tgt != IGNORE).any(0).nonzero().squeeze(1)  # positions t whose logits predict token t + 1
+    kw = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    # use_cache=False: with a KV cache (the config's default) transformers ignores packed position ids
+    # and masks causally across the packed examples (masking_utils._preprocess_mask_arguments)
+    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **kw).logits  # [B, K, vocab]
+    y = tgt[:, keep].reshape(-1)
+    n_tokens = (y != IGNORE).sum()
+    # clamp: a micro-batch without a labelled token gives loss 0 and zero gradients, not 0/0 = NaN in every weight
+    loss = _ChunkedCE.apply(logits.reshape(-1, logits.shape[-1]), y) / n_tokens.clamp(min=1)
+    return loss, {"completion_tokens": n_tokens}
 
 
 def export_hf(module, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
     save_pretrained(module, load_tokenizer(tokenizer_dir), out_dir, state_dict=state_dict)
 
 
-def build_spec(model_dir: str, bf16: bool, params: dict | None = None) -> TrainSpec:
+def build_spec(model_dir: str, bf16: bool, params: dict | None = None, padding_free: bool = False) -> TrainSpec:
+    """padding_free: each micro-batch packed into one row (PackCollate), else right-padded."""
     return TrainSpec(
-        build_model=functools.partial(load_causal_lm, model_dir, "bfloat16" if bf16 else "float32"),
-        collate=PadCollate(_tokenizer(model_dir).pad_token_id),
+        build_model=functools.partial(load_causal_lm, model_dir, dtype_name(bf16)),
+        collate=PackCollate() if padding_free else PadCollate(_tokenizer(model_dir).pad_token_id),
         loss=sft_loss,
         export=functools.partial(export_hf, tokenizer_dir=model_dir),
         params=params or {},
@@ -104,6 +151,7 @@ def run_sft(cfg: SFTJobConfig) -> FitResult:
     datasets, n_train = tokenize_and_count(datasets, tok_fn, out, cfg.sft.max_prompt_length)
     if not n_train:
         raise ValueError(f"no SFT rows left to train on: all were refused (see {out / 'tokenization.json'})")
-    spec = build_spec(model_dir, cfg.train.bf16, params={"model": model_dir, **cfg.train.model_dump(exclude={"deepspeed", "tracker"})})
+    spec = build_spec(model_dir, cfg.train.bf16, params={"model": model_dir, **cfg.train.model_dump(exclude={"deepspeed", "tracker"})},
+                      padding_free=cfg.sft.padding_free)
     return fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=n_train,
                log_dir=str(out / "logs"), export_dir=str(out / "model"))
