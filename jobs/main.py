@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 from jobs.common import parse_job_args, setup_logging
@@ -26,6 +27,7 @@ from pipeline.config import (DataConfig, EvalJobConfig, LabelJobConfig, MainJobC
                              SFTJobConfig, dump_config)
 from pipeline.data import read_records, write_records
 from pipeline.models.registry import resolve_model
+from pipeline.progress import console_job, reported, say
 from pipeline.runtime import init_ray
 from pipeline.stages import StageRunner, write_report
 from pipeline.tasks import TASKS, check_shared, objective_ids, write_builtin
@@ -55,10 +57,18 @@ def subset(src: str, per_task: int, out: Path) -> str:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     cfg = parse_job_args(MainJobConfig, "main.yaml", argv)
+    logs = Path(cfg.run_dir) / "logs"  # the console shows stages, warnings and progress; the rest goes here
+    with console_job(logs / "main.log", logs / "progress.jsonl"):
+        return run_main(cfg)
+
+
+def run_main(cfg: MainJobConfig) -> dict:
     shared = check_shared(cfg.shared_objectives)  # a typo fails here, not after an hour of stages
     run = Path(cfg.run_dir)
     dump_config(cfg, run / "config.yaml")
-    stages = StageRunner(run)
+    stages = StageRunner(run, expected=cfg.expected_seconds, plan=[  # the stages below, in order
+        "base_model", "tasks", "sft", "rollout", "label_steps", "fit_prm", "build_pairs", 
+        *(f"fit_policy_{m}" for m in ("mahdpo", *cfg.baselines)), "eval", *(["serve"] if cfg.serve_check else [])])
     sz = cfg.sizes
     storage = str((run / "ray").resolve())
 
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "metrics": {k: v for k, v in r.metrics.items() if k.startswith("eval/")}} for name, r in res.items()}
 
     policies = {}
-    for m in ("mahdpo", "single", "soup", "modpo"):
+    for m in ("mahdpo", *cfg.baselines):
         policies[m] = stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m),
                                  config={"dpo": cfg.dpo, "policy_train": cfg.policy_train,
                                          **({"soup_together": True} if m == "soup" and cfg.soup_together else {})},
@@ -184,27 +194,21 @@ def main(argv: list[str] | None = None) -> dict:
     def eval_stage() -> dict:
         from pipeline.eval.job import run_eval
 
-        soup = {name: r["model_dir"] for name, r in policies["soup"].items()}
         guided = ({"prm": prm["model_dir"], "tasks": ["math_word"], "n_problems": sz.guided_problems,
                    "candidates": sz.guided_candidates, "policy_names": ["MAH-DPO"],
                    "dtype": "float32" if cfg.engine.dtype == "float16" else cfg.engine.dtype}
                   if sz.guided_problems else None)
         out = run_eval(EvalJobConfig(
             problems=[data["problems_eval"]], n_per_task=sz.eval_per_task, sweep_points=sz.sweep_points,
-            engine=cfg.engine, out_dir=str(run / "eval"), guided=guided, shared_objectives=shared, ray=cfg.ray, policies=[
-                {"name": "base", "kind": "hf", "path": base["model_dir"]},
-                {"name": "sft", "kind": "hf", "path": sft_dir},
-                {"name": "single-head DPO", "kind": "multihead", "path": policies["single"]["single"]["model_dir"]},
-                {"name": "DPO soup", "kind": "soup", "paths": soup, "sweep": sz.sweep_soup},
-                {"name": "MODPO", "kind": "multihead", "path": policies["modpo"]["modpo"]["model_dir"]},
-                {"name": "MAH-DPO", "kind": "multihead", "path": policies["mahdpo"]["mahdpo"]["model_dir"],
-                 "sweep": True}]))
+            temperature=sz.eval_temperature,
+            engine=cfg.engine, out_dir=str(run / "eval"), guided=guided, shared_objectives=shared, ray=cfg.ray,
+            policies=eval_policies(cfg, base["model_dir"], sft_dir, policies)))
         return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"],
                 "responses": out.get("responses")}
 
     ev = stages.run("eval", eval_stage,
-                    config={**sizes("eval_per_task", "sweep_points", "sweep_soup", "guided_problems",
-                                    "guided_candidates"),
+                    config={**sizes("eval_per_task", "eval_base", "eval_temperature", "single_eval_tasks", "sweep_points",
+                                    "sweep_soup", "guided_problems", "guided_candidates"), "baselines": cfg.baselines,
                             "shared_objectives": shared, "engine": cfg.engine},
                     inputs=["base_model", "tasks", "sft", "fit_prm", *(f"fit_policy_{m}" for m in policies)],
                     outputs=[run / "eval"])
@@ -237,8 +241,24 @@ def main(argv: list[str] | None = None) -> dict:
                                                                ev, served))
     for p in ev.get("plots", []):  # plots beside the report, so its image links work
         shutil.copy(p, run / Path(p).name)
-    print(f"main: done. Report: {report}")
+    say(f"main: done. Report: {report}")
     return {"report": str(report), "eval": ev}
+
+
+def eval_policies(cfg: MainJobConfig, base_dir: str, sft_dir: str, policies: dict) -> list[dict]:
+    """The evaluation's policies: base (unless sizes.eval_base is false), SFT, the fitted baselines, MAH-DPO along its sweep."""
+    out = [{"name": "base", "kind": "hf", "path": base_dir}] if cfg.sizes.eval_base else []
+    out.append({"name": "sft", "kind": "hf", "path": sft_dir})
+    if "single" in policies:
+        out.append({"name": "single-head DPO", "kind": "multihead", "path": policies["single"]["single"]["model_dir"],
+                    "tasks": cfg.sizes.single_eval_tasks})
+    if "soup" in policies:
+        out.append({"name": "DPO soup", "kind": "soup", "paths": {n: r["model_dir"] for n, r in policies["soup"].items()},
+                    "sweep": cfg.sizes.sweep_soup})
+    if "modpo" in policies:
+        out.append({"name": "MODPO", "kind": "multihead", "path": policies["modpo"]["modpo"]["model_dir"]})
+    out.append({"name": "MAH-DPO", "kind": "multihead", "path": policies["mahdpo"]["mahdpo"]["model_dir"], "sweep": True})
+    return out
 
 
 def diagnosis(rows: list[dict], agreement: dict, policies: dict, pairs: dict) -> str:
@@ -347,4 +367,9 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (Exception, KeyboardInterrupt) as e:
+        if not reported(e):  # else its summary is on the console and its traceback in the log
+            raise
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)

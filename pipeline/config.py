@@ -94,7 +94,15 @@ class TrainConfig(Strict):
     seed: int = 0
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps
+    # Optimizer steps after which the model is also exported to <export dir>_step<N> (a learning curve's
+    # snapshots: scripts/sft_curve.py); the final export is always made.
+    export_steps: list[int] = Field(default_factory=list)
     keep_checkpoints: int = Field(2, ge=1)
+    # A checkpoint at the last step too (off the checkpoint_every grid). Off: the export is the fit's
+    # result and the last step saves no DeepSpeed state (SmolLM2 in float32 with Adam: ~1.6 GB, written
+    # and copied to storage_path, ~60 s on a 2-core machine); an interrupted fit resumes from its last
+    # periodic checkpoint.
+    checkpoint_at_end: bool = True
     max_failures: int = Field(0, ge=-1)  # worker-failure restarts within a run (-1: forever)
     gradient_checkpointing: bool = False
     # Keep a copy of the model with the best held-out value of this metric (e.g. "eval/loss") in
@@ -276,6 +284,10 @@ class DPOConfig(Strict):
     # 0: full heads (the paper). r > 0: low-rank heads, SFT head (frozen) + a trained rank-r change per
     # head: an extra head costs r (vocab + hidden) parameters instead of vocab x hidden (docs/policy.md)
     head_rank: int = Field(0, ge=0)
+    # 0: the whole model trains (the paper). k > 0: only the top k decoder layers, the final norm and the
+    # heads; the embedding and lower layers stay the SFT model's (a step then costs the forward plus the
+    # top layers' backward: the CPU main job's budget; docs/policy.md, "Training fewer layers")
+    train_layers: int = Field(0, ge=0)
     seed: int = 0  # head noise, balanced truncation and shuffling
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
     # of the reference log-probs (cached by jobs.build_pairs or computed on the fly); bfloat16 matches
@@ -401,6 +413,7 @@ class EvalPolicy(Strict):
     path: str | None = None  # hf / multihead checkpoint
     paths: dict[str, str] = Field(default_factory=dict)  # soup: {objective: single-head checkpoint}
     sweep: bool = False  # evaluate along a weight sweep over each task's objectives
+    tasks: list[str] = Field(default_factory=list)  # only these task families (empty: every family evaluated)
 
 
 class GuidedEvalConfig(Strict):
@@ -446,6 +459,14 @@ class MainSizes(Strict):
     min_margin: float = Field(0.05, ge=0)
     score_with_objective: list[str] = Field(default_factory=list)  # objectives scored by their verifier/judge, not the PRM
     eval_per_task: int = Field(32, ge=1)
+    eval_base: bool = True  # the base model in the evaluation too (a reference line; no finding reads it)
+    # Sampling temperature of the evaluation (0: greedy). Greedy decoding of an SFT model follows its
+    # demonstrations' most common style on every prompt (tutoring 0.94 / 1.00, a ceiling); sampling scores
+    # the policy's mix of styles, as the paper does (T = 1). Seeded per problem: paired across policies.
+    eval_temperature: float = Field(0.0, ge=0)
+    # Single-head DPO evaluated on these families only (F2 reads it on the conflicting objectives'
+    # family); empty: every family
+    single_eval_tasks: list[str] = Field(default_factory=list)
     sweep_points: int = Field(5, ge=2)
     sweep_soup: bool = True  # the DPO soup along the sweep too (its Pareto front); false: equal weights only
     guided_problems: int = Field(8, ge=0)  # 0: no guided decoding in the evaluation
@@ -473,6 +494,12 @@ class MainJobConfig(Strict):
     # The DPO soup's members in one Ray Train run (one start-up instead of one per objective; every
     # member's weights and optimizer state in memory at once): the quick profile's tiny model.
     soup_together: bool = False
+    # The DPO baselines fitted beside MAH-DPO (and evaluated). Single-head DPO is the one a finding needs
+    # (F2); the soup and MODPO are the paper's other baselines. On 2 CPU cores each costs a pass over the
+    # pairs (the default profile fits `single` only; the study profile all three: docs/main.md)
+    baselines: list[Literal["single", "soup", "modpo"]] = ["single", "soup", "modpo"]
+    # Seconds each stage is expected to take, for the console's ETA (a previous run's stage marker wins)
+    expected_seconds: dict[str, float] = Field(default_factory=dict)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

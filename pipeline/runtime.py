@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 # Shell variables forwarded to Ray workers when set (the user's values win over defaults).
 FORWARDED = ("HF_HUB_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE", "MAHALO_CACHE", "TORCH_EXTENSIONS_DIR",
              "WANDB_API_KEY", "WANDB_MODE", "MLFLOW_TRACKING_URI", "VLLM_CPU_KVCACHE_SPACE",
-             "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS")
+             "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS",
+             "MAHALO_PROGRESS_FILE")  # pipeline.progress: workers report into the driver's progress file
 
 
 def default_env() -> dict[str, str]:
@@ -29,6 +30,9 @@ def default_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        # transformers' and the hub's tqdm bars ("Loading weights" per model load): in a worker they are
+        # forwarded to the driver as walls of redraws; read at import, so no import is needed here
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
 
 

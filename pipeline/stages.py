@@ -9,6 +9,10 @@ marker and outputs aside into `<run_dir>/previous/<name>-<time>/` (so no cache, 
 Ray Train checkpoint of the old settings is resumed) and redoes it. Because a stage's
 fingerprint holds its inputs', every stage after a redone one is redone too. A stage
 interrupted under other settings (started, never finished) is cleared the same way.
+
+Given the job's stage list (`plan`) and expected seconds per stage, each start and end is one
+line, `stage 3/13 sft: done in 164 s (expected 161 s); job ETA 18:58`: in the log, and on the
+console of pipeline.progress.console_job when the job runs one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from pipeline import progress
 from pipeline.data.hashing import stable_digest
 
 log = logging.getLogger(__name__)
@@ -55,12 +60,19 @@ def changed_keys(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
 
 
 class StageRunner:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, plan: Iterable[str] = (), expected: dict[str, float] | None = None):
+        """plan: the job's stage names in order (for "stage i/N" and the job's ETA).
+        expected: seconds per stage (config); a previous run's marker's `seconds` wins over it."""
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, dict] = {}
         self.fingerprints: dict[str, str] = {}  # of the stages run (or skipped) in this job, by name
+        self.plan = list(plan)
+        self.expected = expected_seconds(self.dir, self.plan, expected or {})
+        unknown = sorted(set(expected or {}) - set(self.plan))
+        if self.plan and unknown:  # a misspelt stage would otherwise never count
+            log.warning("expected_seconds: %s are not stages of this job %s; ignored", unknown, self.plan)
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]], config: Any = None, inputs: Iterable[str] = (),
             outputs: Iterable[str | Path] = ()) -> dict[str, Any]:
@@ -90,16 +102,60 @@ class StageRunner:
                 log.warning("stage %s: interrupted earlier under other settings (%s); starting over, its partial "
                             "outputs are in %s", name, self._why(before, record), aside)
         self._write(started, record)  # an interrupted stage resumes its partial outputs only under these settings
-        log.info("stage %s: starting", name)
         t0 = time.time()
-        outputs_ = fn() or {}
+        expected = self.expected.get(name)
+        self._say(f"{self._label(name)}: started" + (f", expected {expected:.0f} s" if expected is not None else "")
+                  + self._eta(name, 0.0, t0))
+        console = progress.active()
+        if console is not None:
+            console.begin(name, expected)
+        try:
+            outputs_ = fn() or {}
+        except BaseException:
+            self._end(console)
+            self._say(f"{self._label(name)}: FAILED after {time.time() - t0:.0f} s")
+            raise
+        self._end(console)
         seconds = time.time() - t0
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._write(marker, {"outputs": outputs_, "seconds": seconds, "finished": finished, **record})
         started.unlink(missing_ok=True)
         self.timings[name] = {"seconds": seconds, "skipped": False}
-        log.info("stage %s: done in %.0f s", name, seconds)
+        self._say(f"{self._label(name)}: done in {seconds:.0f} s"
+                  + (f" (expected {expected:.0f} s)" if expected is not None else "") + self._eta(name, None, time.time()))
         return outputs_
+
+    def _label(self, name: str) -> str:
+        """`stage 3/13 sft`; a stage outside the plan joins it at the end (a job that did not list it)."""
+        if not self.plan:
+            return f"stage {name}"
+        if name not in self.plan:
+            log.warning("stage %s is not in the job's stage list %s; counted at its end", name, self.plan)
+            self.plan.append(name)
+        return f"stage {self.plan.index(name) + 1}/{len(self.plan)} {name}"
+
+    def _eta(self, name: str, elapsed: float | None, now: float) -> str:
+        """`; job ETA 18:58` from the expected seconds of this stage (elapsed None: finished) and the ones
+        after it; `>=` when a later stage has no expected time; '' for the last stage or without a plan."""
+        if name not in self.plan:
+            return ""
+        later = self.plan[self.plan.index(name) + (0 if elapsed is not None else 1):]
+        if not later:
+            return ""
+        eta = job_eta(later, self.expected, elapsed or 0.0, now)
+        return f"; job ETA {eta}" if eta else ""
+
+    @staticmethod
+    def _say(line: str) -> None:
+        """To the log always; to the console too when the job has one (pipeline.progress.console_job)."""
+        log.info("%s", line)
+        if progress.active() is not None:
+            progress.say(time.strftime("[%H:%M:%S] ") + line)
+
+    @staticmethod
+    def _end(console) -> None:
+        if console is not None:
+            console.end()
 
     def _record(self, name: str, config: Any, inputs: Iterable[str]) -> dict:
         missing = [i for i in inputs if i not in self.fingerprints]
@@ -113,7 +169,7 @@ class StageRunner:
 
     def _skip(self, name: str, done: dict) -> dict:
         self.timings[name] = {"seconds": done["seconds"], "skipped": True}
-        log.info("stage %s: already done (%.0f s), skipping", name, done["seconds"])
+        self._say(f"{self._label(name)}: already done ({done['seconds']:.0f} s), skipped")
         return done["outputs"]
 
     @staticmethod
@@ -152,6 +208,31 @@ class StageRunner:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, default=str, indent=1))
         os.replace(tmp, path)
+
+
+def expected_seconds(stages_dir: Path, names: Iterable[str], configured: dict[str, float]) -> dict[str, float]:
+    """Expected seconds per stage: a previous run's marker (`<stages_dir>/<name>.json`, its `seconds`), else
+    the configured value; a stage with neither is absent."""
+    out = {k: float(v) for k, v in configured.items()}
+    for name in names:
+        marker = stages_dir / f"{name}.json"
+        if marker.exists():
+            try:
+                out[name] = float(json.loads(marker.read_text())["seconds"])
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("stage marker %s: no usable `seconds` (%s); its expected time is the configured one",
+                            marker, e)
+    return out
+
+
+def job_eta(remaining: list[str], expected: dict[str, float], elapsed: float, now: float) -> str:
+    """The clock time the job should end: now + what is left of remaining[0] (already `elapsed` s in) + the
+    rest. `>=HH:MM` when a stage has no expected time; '' when none has one."""
+    known = [n for n in remaining if n in expected]
+    if not known:
+        return ""
+    left = sum(expected[n] for n in known) - (min(elapsed, expected[remaining[0]]) if remaining[0] in expected else 0)
+    return (">=" if len(known) < len(remaining) else "") + time.strftime("%H:%M", time.localtime(now + left))
 
 
 def write_report(run_dir: str | Path, timings: dict[str, dict], sections: dict[str, str]) -> Path:

@@ -27,11 +27,11 @@ def jsonl(path, rows):
 @pytest.mark.parametrize("kind", sorted(GOOD))
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 def test_round_trip(tmp_path, kind, suffix):
-    path = write_records([GOOD[kind]] * 3, tmp_path / f"x{suffix}", kind)
+    path = write_records([{**GOOD[kind], "id": f"{GOOD[kind]['id']}-{i}"} for i in range(3)], tmp_path / f"x{suffix}", kind)
     table, report = read_records(path, kind)
     assert table.schema.equals(schema_for(kind)) and report.rows == 3 and report.quarantined == 0
     row = table.to_pylist()[0]
-    for k, v in GOOD[kind].items():
+    for k, v in {**GOOD[kind], "id": f"{GOOD[kind]['id']}-0"}.items():  # ids are unique (duplicates are bad rows)
         assert row[k] == (json.dumps(v, sort_keys=True) if k == "meta" else v)
 
 

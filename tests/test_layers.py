@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "pipeline"
-SHARED = {"config", "runtime", "stages", "data", "models", "objectives", "tasks", "engines", "decoding"}
+SHARED = {"config", "runtime", "progress", "stages", "data", "models", "objectives", "tasks", "engines", "decoding"}
 STAGES = {"rollout", "labeling", "train", "eval", "serve"}
 
 

@@ -108,6 +108,33 @@ def test_routing_trains_own_head_and_backbone_only(tiny_model_dir):
     assert any("layers.0" in k for k in moved) and any("embed_tokens" in k for k in moved)
 
 
+def test_train_layers_freezes_below_the_top_layers_with_the_same_top_gradients(tiny_model_dir):
+    """dpo.train_layers = 1: the embedding and lower layers get no gradient; the top layer and the heads
+    get exactly the gradients of full training (the same forward)."""
+    ids = torch.randint(0, 200, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+
+    def grads(train_layers):
+        torch.manual_seed(0)
+        m = MultiHeadPolicy.from_sft(tiny_model_dir, ["a", "b"], noise_std=0.1, train_layers=train_layers)
+        lp = sequence_logps(m(ids, head_ids=torch.tensor([1, 1])).logits, labels)
+        dpo_loss(lp[:1], lp[1:], torch.zeros(1), torch.zeros(1), beta=0.1)[0].sum().backward()
+        return {k: p.grad for k, p in m.named_parameters()}
+
+    full, top = grads(0), grads(1)
+    n_layers = max(int(k.split("layers.")[1].split(".")[0]) for k in full if "layers." in k) + 1
+    assert n_layers >= 2
+    for k, g in top.items():
+        lower = "embed_tokens" in k or any(f"layers.{i}." in k for i in range(n_layers - 1))
+        if lower:
+            assert g is None, k
+        else:
+            assert g is not None and torch.allclose(g, full[k], atol=1e-6), k
+    with pytest.raises(ValueError, match="train_layers"):
+        MultiHeadPolicy.from_sft(tiny_model_dir, ["a"], train_layers=n_layers + 1)
+
+
 def test_low_rank_heads_route_save_full_heads_and_cost_r_per_head(tmp_path, tiny_model_dir):
     """head_rank r: heads = frozen SFT head + U_i D_i. They start at the SFT head, a pair of objective 1
     trains only U_1/D_1 (and the backbone), the factored projection equals the materialised head's,

@@ -21,10 +21,13 @@ def test_generators_are_deterministic_with_disjoint_splits(task):
     assert len(a["eval"][0]) == 12 and all(p["task"] == task for p in a["eval"][0])
 
 
-def test_assistant_held_out_topics_are_unseen():
-    s = splits("assistant", 200, 30, seed=0)
-    topics = lambda rows: {json.loads(p["meta"])["topic"] for p in rows}  # noqa: E731
-    assert not topics(s["train"][0]) & topics(s["eval"][0])
+def test_assistant_held_out_prompts_are_worded_as_never_in_training():
+    s = splits("assistant", 400, 200, seed=0)
+    phrasing = lambda rows: {json.loads(p["meta"])["topic"] and p["prompt"][0]["content"] for p in rows}  # noqa: E731
+    assert not phrasing(s["train"][0]) & phrasing(s["eval"][0])
+    assert len(s["eval"][0]) == 96  # 24 topics x 4 held-out phrasings: room for >= 64 paired problems
+    strip = lambda rows: {p["prompt"][0]["content"].replace(json.loads(p["meta"])["topic"], "{t}") for p in rows}  # noqa: E731
+    assert not strip(s["train"][0]) & strip(s["eval"][0])  # no held-out phrasing is a training phrasing
 
 
 def _demo_scores(task: str, n: int = 160) -> dict[str, float]:

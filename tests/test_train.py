@@ -105,9 +105,15 @@ def test_sft_on_tiny_model(tmp_path, ray_session, tiny_model_dir):
         "data.eval_fraction": 0.2, "output_dir": str(tmp_path / "out"), "run_name": "sft-tiny",
         "train.storage_path": str(tmp_path / "ray"), "train.lr": 3e-3, "train.micro_batch_size": 4,
         "train.epochs": 3, "train.checkpoint_every": 100, "sft.max_length": 96, "sft.max_prompt_length": 48,
+        "train.checkpoint_at_end": False, "train.export_steps": [2],
     })
     res = run_sft(cfg)
     assert quarantine_count(str(tmp_path / "out" / "quarantine")) == 1
+    # checkpoint_at_end false: no DeepSpeed state saved at all (checkpoint_every 100 > steps), the export is
+    # the result; export_steps: a snapshot of step 2 beside it
+    assert res.checkpoint is None and not list((tmp_path / "ray").glob("sft-tiny/checkpoint-*"))
+    assert (tmp_path / "out" / "model" / "config.json").exists()
+    assert (tmp_path / "out" / "model_step2" / "config.json").exists()
     assert res.metrics["eval/loss"] < read_metrics(res.log_dir)[0]["loss"]
 
     def completion_loss(model_dir):

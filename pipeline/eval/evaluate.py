@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import progress
 from pipeline.eval.task_scores import problem_id, summarise
 
 RESPONSE_COLUMNS = ("policy", "weights", "decoding", "task", "problem_id", "prompt", "response", "scores")
@@ -124,6 +125,8 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
     plan = []  # (policy, task, weights)
     for pol in policies:
         for task in by_task:
+            if pol.get("tasks") and task not in pol["tasks"]:
+                continue
             ws = sweep(list(task_objectives(task, shared).values()), points) if pol.get("sweep") else [None]
             plan += [(pol, task, w) for w in ws]
     rows, responses, engine = [], [], None
@@ -141,6 +144,7 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
         rows += [score_row(pol["name"], w, "plain", task, ids[obj], s) for obj, s in res["objectives"].items()]
         responses += response_rows(pol["name"], w, "plain", task, res["episodes"], ids)
         log.info("eval %s %s %s: %s", pol["name"], task, w or "", {o: round(s["mean"], 3) for o, s in res["objectives"].items()})
+        progress.report("eval points", i + 1, len(plan))  # (policy, task, weights) points
     if engine is not None and hasattr(engine, "shutdown"):
         engine.shutdown()
     if guided:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline import progress
 from pipeline.config import LabelJobConfig, MCConfig
 from pipeline.data.io import list_shards, read_records
 from pipeline.data.shards import ShardReport, pending, write_by_shard
@@ -20,6 +21,7 @@ from pipeline.data.stream import read_dataset
 from pipeline.labeling.steps import DEFAULT_METHOD, label_objective
 from pipeline.models.registry import resolve_model
 from pipeline.objectives import build_objectives, objective_id, resolve_keys
+from pipeline.objectives.math_verifier import needs_reference
 from pipeline.engines.pool import map_with_engine
 from pipeline.tasks import TASKS, check_shared, get_task
 
@@ -38,6 +40,10 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
         p = problems.get(tr["problem_id"])
         if p is None:
             out.append({"_shard": tr["_shard"], "_input": tr["id"], "_error": f"problem {tr['problem_id']} not found"})
+            continue
+        if not (p["reference"] or "").strip() and (need := _reference_objective(p["task"], objectives, extra)):
+            out.append({"_shard": tr["_shard"], "_input": tr["id"], "_error": f"problem {p['id']}: field 'reference': "
+                        f"missing, and {p['task']}/{need} is verified against it"})
             continue
         by_task[p["task"]].append({**tr, "reference": p["reference"], "meta": json.loads(p["meta"])})
     for task_name, trajs in by_task.items():
@@ -62,6 +68,14 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
                             "rollouts_per_step": lab.rollouts_per_step, "_shard": tr["_shard"], "_input": tr["id"],
                             "_error": None, "_unparseable": lab.unparseable})
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def _reference_objective(task: str, objectives: dict, extra: dict) -> str | None:
+    """The labelled objective verified against the problem's reference, if any: a problem without one
+    fails alone, not every trajectory of its batch."""
+    names = objectives.get(task)
+    specs = [*TASKS[task].objectives, *extra.get(task, [])] if task in TASKS else []
+    return next((s["name"] for s in specs if needs_reference(s) and (not names or s["name"] in names)), None)
 
 
 def label_methods(cfg: LabelJobConfig) -> dict[str, str]:
@@ -110,7 +124,9 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
                          methods=methods, mc=cfg.mc.model_dump(), sampling=cfg.sampling.model_dump(),
                          shared=cfg.shared_objectives)
     with tqdm(total=len(todo), desc="label shards", mininterval=5) as bar:
-        report = write_by_shard(ds.iter_batches(batch_size=None, batch_format="pyarrow"), expected,
+        batches = progress.tracked(ds.iter_batches(batch_size=None, batch_format="pyarrow"), "trajectories labelled",
+                                   sum(expected.values()), count=lambda b: len(set(b.column("_input").to_pylist())))
+        report = write_by_shard(batches, expected,
                                 {s: out_paths[s] for s in todo}, "stepwise", counters=("_unparseable",), progress=bar)
     report.shards_skipped = [str(out_paths[s]) for s in done]
     if report.failed_inputs:

@@ -120,6 +120,20 @@ class _HeadProjection(torch.autograd.Function):
         return (grad_heads, None, *grad_hs)
 
 
+def freeze_below(model, train_layers: int) -> None:
+    """Freeze the input embedding and every decoder layer below the top `train_layers`: backward stops
+    at the lowest trainable layer, so a step costs the forward plus the top layers' backward (on a
+    CPU the cost of DPO is bounded by it; docs/policy.md). The final norm stays trainable."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to freeze below (dpo.train_layers)")
+    if not 0 < train_layers <= len(layers):
+        raise ValueError(f"dpo.train_layers must be in 1..{len(layers)} for this model, got {train_layers}")
+    model.get_input_embeddings().weight.requires_grad_(False)
+    for layer in layers[: len(layers) - train_layers]:
+        layer.requires_grad_(False)
+
+
 class MultiHeadPolicy(nn.Module):
     def __init__(self, base, objectives: list[str], heads: torch.Tensor | None = None,
                  noise_std: float = 1e-3, seed: int = 0, head_rank: int = 0):
@@ -311,10 +325,13 @@ class MultiHeadPolicy(nn.Module):
 
     @classmethod
     def from_sft(cls, path: str | Path, objectives: list[str], noise_std: float = 1e-3, seed: int = 0,
-                 dtype: str = "float32", head_rank: int = 0) -> "MultiHeadPolicy":
+                 dtype: str = "float32", head_rank: int = 0, train_layers: int = 0) -> "MultiHeadPolicy":
         """Every head from the SFT model's LM head (+ seeded noise, or low-rank); every SFT weight checked
-        as loaded."""
-        return cls(load_checked(path, dtype), objectives, noise_std=noise_std, seed=seed, head_rank=head_rank)
+        as loaded. train_layers > 0: only the top train_layers decoder layers (+ final norm, heads) train."""
+        policy = cls(load_checked(path, dtype), objectives, noise_std=noise_std, seed=seed, head_rank=head_rank)
+        if train_layers:
+            freeze_below(policy.base, train_layers)
+        return policy
 
     def export_merged(self, weights, out_dir: str | Path, tokenizer=None, dtype: str | None = None) -> Path:
         """An ordinary single-head causal LM whose (untied) LM head is sum_i w_i W_i, saved in `dtype`

@@ -36,6 +36,12 @@ def is_correct(response: str, reference: str) -> bool:
     return bool(gold) and verify(gold, pred, timeout_seconds=_timeout())
 
 
+def needs_reference(spec: dict) -> bool:
+    """An objective spec verified against each problem's reference answer (the built-in `math` verifier):
+    the stages fail a problem without one on its own, before it can fail the batch it is in."""
+    return spec.get("kind") == "verifiable" and spec.get("verifier") == "math"
+
+
 def math_accuracy(prompt, response, reference, meta) -> float:
     """Verifier signature shared by every objective: 1.0 if the final answer is right, else 0.0."""
     if reference is None:

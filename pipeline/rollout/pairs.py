@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import progress
 from pipeline.data.hashing import stable_seed
 
 log = logging.getLogger(__name__)
@@ -183,11 +184,13 @@ def run_build_pairs(cfg) -> dict:
         else:
             ds = map_with_engine(ray.data.from_arrow(problems_t), cfg.engine, model_dir, candidates_batch,
                                  n=cfg.n_candidates, sampling=cfg.sampling.model_dump())
-            cands_t = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+            cands_t = pa.concat_tables(list(progress.tracked(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
+                                                             "candidates", problems_t.num_rows * cfg.n_candidates)))
             if cfg.prm:
-                cands_t = pa.concat_tables(list(ray.data.from_arrow(cands_t).map_batches(
+                cands_t = pa.concat_tables(list(progress.tracked(ray.data.from_arrow(cands_t).map_batches(
                     PRMScorer, fn_constructor_kwargs={"prm_dir": str(Path(cfg.prm).resolve())}, batch_format="pyarrow", batch_size=16,
-                    concurrency=1, num_cpus=cfg.ref_num_cpus, num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
+                    concurrency=1, num_cpus=cfg.ref_num_cpus, num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow"),
+                    "candidates scored", cands_t.num_rows)))
             tmp = cand_file.with_suffix(".tmp")
             pq.write_table(cands_t, tmp)
             tmp.replace(cand_file)
@@ -224,12 +227,13 @@ def run_build_pairs(cfg) -> dict:
         raise ValueError("no pairs: give problems (with a prm) or preferences, and check min_margin")
     table = pa.Table.from_pylist(pairs)
     if cfg.ref_logps:
-        table = pa.concat_tables(list(ray.data.from_arrow(table).map_batches(
+        table = pa.concat_tables(list(progress.tracked(ray.data.from_arrow(table).map_batches(
             RefLogps, fn_constructor_kwargs={"model_dir": model_dir, "max_length": cfg.dpo.max_length,
                                              "max_prompt_length": cfg.dpo.max_prompt_length, "dtype": cfg.dpo.ref_dtype,
                                              "micro_batch_size": cfg.ref_batch_size},
             batch_format="pyarrow", batch_size=64, concurrency=1, num_cpus=cfg.ref_num_cpus,
-            num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow")))
+            num_gpus=cfg.ref_num_gpus or None).iter_batches(batch_size=None, batch_format="pyarrow"),
+            "reference log-probs", table.num_rows)))
     path = write_records(table, out / "pairs-00000.parquet", "preference")
     if cfg.ref_logps:
         write_meta(out, model_dir, cfg.dpo.max_length, cfg.dpo.max_prompt_length, cfg.dpo.ref_dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import progress
 from pipeline.config import RolloutJobConfig
 from pipeline.data.hashing import stable_digest
 from pipeline.data.io import read_records
@@ -21,9 +22,10 @@ from pipeline.data.shards import ShardReport, pending, write_by_shard
 from pipeline.data.schemas import schema_for
 from pipeline.models.registry import resolve_model
 from pipeline.objectives import build_objectives
+from pipeline.objectives.math_verifier import needs_reference
 from pipeline.engines.episodes import run_episodes
 from pipeline.engines.pool import map_with_engine
-from pipeline.tasks import get_task
+from pipeline.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
 RESULT_SCHEMA = schema_for("trajectory").append(pa.field("_shard", pa.string())).append(
@@ -49,6 +51,12 @@ def rollout_batch(engine, batch: pa.Table, *, n_samples: int, sampling: dict, po
         by_task[r["task"]].append(r)
     out = []
     for task_name, probs in by_task.items():
+        if task_name in TASKS and any(needs_reference(o) for o in TASKS[task_name].objectives):
+            # a verifiable problem without its reference fails alone, not every problem of its batch
+            out += [{"_shard": p["_shard"], "_input": p["id"], "_error": f"problem {p['id']}: field 'reference': missing, "
+                     f"and {task_name}'s verifier checks answers against it"} for p in probs if not (p["reference"] or "").strip()]
+            if not (probs := [p for p in probs if (p["reference"] or "").strip()]):
+                continue
         try:
             task, _, split_obj, user, verifier = family_parts(task_name, engine)
             eps = run_episodes(task, probs, engine, user=user, n=n_samples, **sampling)
@@ -104,8 +112,9 @@ def run_rollout(cfg: RolloutJobConfig) -> ShardReport:
     ds = map_with_engine(ray.data.from_arrow(table), cfg.engine, model_dir, rollout_batch, n_samples=cfg.n_samples,
                          sampling=sampling, policy=cfg.policy_name or model_dir)
     with tqdm(total=len(todo), desc="rollout shards", mininterval=5) as bar:
-        report = write_by_shard(ds.iter_batches(batch_size=None, batch_format="pyarrow"), expected,
-                                {s: out_paths[s] for s in todo}, "trajectory", progress=bar)
+        batches = progress.tracked(ds.iter_batches(batch_size=None, batch_format="pyarrow"), "problems rolled out",
+                                   sum(expected.values()), count=lambda b: len(set(b.column("_input").to_pylist())))
+        report = write_by_shard(batches, expected, {s: out_paths[s] for s in todo}, "trajectory", progress=bar)
     report.shards_skipped = done
     if report.failed_inputs:
         log.warning("rollout: %d problems failed to generate; see %s/_failed/", report.failed_inputs, out)

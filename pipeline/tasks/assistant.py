@@ -150,19 +150,28 @@ TOPICS: dict[str, list[tuple[tuple[str, ...], str]]] = {
         (("honest",), "Be honest, since nobody else will read it."),
         (("short", "few lines", "minutes"), "Keep entries short, even a few lines count.")],
 }
+# 12 phrasings: the held-out split (4 phrasings never used in training x 24 topics) holds 96 prompts
 PHRASINGS = ["How do I {t}?", "Any advice on how to {t}?", "What matters most if I want to {t}?",
-             "I want to {t}. Where should I start?", "What are the key things to know to {t}?"]
+             "I want to {t}. Where should I start?", "What are the key things to know to {t}?",
+             "Can you help me {t}?", "What is the best way to {t}?", "Give me some tips to {t}.",
+             "I am trying to {t}. What should I do?", "How can I {t}?", "What should I keep in mind to {t}?",
+             "Explain how to {t}."]
 INTROS = ["Here are the main things to focus on.", "Good question, there are a few parts to this."]
 RAMBLE = ["There are many things to consider here and everyone is different.",
           "It is important to note that this can depend on a lot of factors.", "I hope this helps!"]
 STYLES = (("thorough", 0.3), ("concise", 0.3), ("balanced", 0.2), ("rambling", 0.2))
 
 
-def _topics(split: str, seed: int) -> list[str]:
-    names = sorted(TOPICS)
-    random.Random(f"assistant/topics/{seed}").shuffle(names)
-    cut = len(names) * 3 // 4
-    return names[:cut] if split == "train" else names[cut:]
+def _prompts(split: str, seed: int) -> list[tuple[str, str]]:
+    """(topic, phrasing) pairs of a split: every topic, the split's own phrasings (8 train, 4 held out).
+    Held-out prompts were unseen topics until 2026-11-30: a 135M model cannot know an unseen topic's key
+    aspects, so SFT scored 0.05 thoroughness there (docs/tasks.md, "Calibration"); the trade-off between
+    thoroughness and concision is what the family tests, on prompts worded as never in training."""
+    order = list(range(len(PHRASINGS)))
+    random.Random(f"assistant/phrasings/{seed}").shuffle(order)
+    cut = len(order) * 2 // 3
+    keep = order[:cut] if split == "train" else order[cut:]
+    return [(t, PHRASINGS[i]) for t in sorted(TOPICS) for i in keep]
 
 
 def _demo(style: str, aspects, r: random.Random) -> str:
@@ -181,7 +190,7 @@ def generate(n: int, seed: int, split: str = "train", exclude: set[str] | None =
     """Prompts cycle over the split's topics and phrasings; n beyond that repeats a prompt with
     a fresh demonstration (training), so held-out sets hold each prompt once at most."""
     r = random.Random(f"assistant/{split}/{seed}")
-    pairs = [(t, p) for t in _topics(split, seed) for p in PHRASINGS]
+    pairs = _prompts(split, seed)
     r.shuffle(pairs)
     if split != "train":
         n = min(n, len(pairs))

@@ -185,7 +185,8 @@ def dialogue_prompt(question: str, opening: str) -> list[dict]:
 def generate(n: int, seed: int, split: str = "train", exclude: set[str] | None = None) -> tuple[list[dict], list[dict]]:
     """(problem records, SFT records). A problem's prompt is the dialogue's opening; each tutor turn
     of a demonstration dialogue is one SFT record (prompt = the dialogue before it)."""
-    base, _ = math_word.generate(n, seed + 7919, split, exclude)  # a stream of its own, not family (a)'s problems
+    # a stream of its own, not family (a)'s problems; `exclude` holds tutoring prompts, which contain the question
+    base, _ = math_word.generate(n, seed + 7919, split, exclude_within=exclude)
     r = random.Random(f"tutoring/{split}/{seed}")
     styles, weights = zip(*STYLES)
     problems, sft = [], []

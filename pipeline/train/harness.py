@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipeline import progress
 from pipeline.config import TrainConfig
 from pipeline.train.ds_config import deepspeed_config
 
@@ -305,7 +306,7 @@ def _train_loop(config: dict) -> None:
             spec.export(engine.module, sd, out_dir)
             _say(f"[train] exported to {out_dir}")
 
-    def save_and_report(metrics: dict, micro_in_epoch: int, epoch: int) -> None:
+    def save_and_report(metrics: dict, micro_in_epoch: int, epoch: int, checkpoint: bool = True) -> None:
         if eval_shard is not None:
             metrics.update(_evaluate(engine, spec, eval_shard, cfg))
             v = metrics.get(cfg.best_metric) if cfg.best_metric else None
@@ -313,6 +314,11 @@ def _train_loop(config: dict) -> None:
                     best["value"] is None or (v < best["value"] if cfg.best_mode == "min" else v > best["value"])):
                 best["value"] = v
                 export(config["export_dir"] + "_best")
+        if rank == 0:  # the last report's metrics for fit(): Ray Train's Result keeps only a checkpoint's
+            Path(log_dir, FINAL_METRICS).write_text(json.dumps(metrics))
+        if not checkpoint:  # the end of a fit whose export is its result (checkpoint_at_end: false)
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds")
             if rank == 0:
@@ -348,6 +354,8 @@ def _train_loop(config: dict) -> None:
                 continue
             step += 1
             done = step >= total_steps
+            if rank == 0:  # the main job's console bar (a no-op outside it)
+                progress.report(f"{config['run_name']} steps", step, total_steps)
             if step % cfg.log_every == 0 or done:
                 m = _mean_across_workers({**avg.mean(), **tokens}, engine.device)
                 for k in tokens:  # per optimizer step, summed over workers
@@ -366,8 +374,11 @@ def _train_loop(config: dict) -> None:
                 timings["last_step_end"] = t0
             if bar:
                 bar.update(1)
+            if step in cfg.export_steps and not done and config["export_dir"] and spec.export is not None:
+                export(f"{config['export_dir']}_step{step}")
             if step % cfg.checkpoint_every == 0 or done:
-                save_and_report({"step": step, **last_metrics}, micro, epoch)
+                save_and_report({"step": step, **last_metrics}, micro, epoch,
+                                checkpoint=step % cfg.checkpoint_every == 0 or cfg.checkpoint_at_end)
             if done:
                 break
         if not done:
@@ -385,6 +396,9 @@ def _train_loop(config: dict) -> None:
         tracker.close()
         metrics_file.close()
         Path(log_dir, "timings.json").write_text(json.dumps(timings))
+
+
+FINAL_METRICS = "final_metrics.json"  # in log_dir: the last reported metrics of a fit
 
 
 def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num_train_rows: int,
@@ -419,11 +433,16 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
     )
+    final = Path(log_dir) / FINAL_METRICS
+    final.unlink(missing_ok=True)  # an earlier fit's, in the same log_dir
     result = trainer.fit()
     if result.error:
         raise result.error
     ckpt = result.checkpoint
-    return FitResult(step=(result.metrics or {}).get("step", total_steps), metrics=result.metrics or {},
+    # the last report's metrics (rank 0 wrote them): Result.metrics holds only the last checkpoint's, and
+    # a fit with checkpoint_at_end false may end with no checkpoint at all
+    metrics = json.loads(final.read_text()) if final.exists() else (result.metrics or {})
+    return FitResult(step=metrics.get("step", total_steps), metrics=metrics,
                      checkpoint=ckpt.path if ckpt else None, export_dir=export_dir, log_dir=log_dir)
 
 

@@ -168,8 +168,10 @@ class SoupMembers(torch.nn.Module):
         self.config = members[0].config
 
     @classmethod
-    def from_sft(cls, path, objectives, noise_std=1e-3, seed=0, dtype="float32", head_rank=0) -> "SoupMembers":
-        return cls([MultiHeadPolicy.from_sft(path, [o], noise_std, seed, dtype, head_rank) for o in objectives])
+    def from_sft(cls, path, objectives, noise_std=1e-3, seed=0, dtype="float32", head_rank=0,
+                 train_layers=0) -> "SoupMembers":
+        return cls([MultiHeadPolicy.from_sft(path, [o], noise_std, seed, dtype, head_rank, train_layers)
+                    for o in objectives])
 
     def forward(self, input_ids, attention_mask=None, head_ids=None, labels=None, **kw):
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -204,7 +206,7 @@ def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf1
     build = SoupMembers.from_sft if soup else MultiHeadPolicy.from_sft
     return TrainSpec(
         build_model=functools.partial(build, model_dir, heads, dpo.noise_std, dpo.seed, dtype_name(bf16),
-                                      dpo.head_rank),
+                                      dpo.head_rank, dpo.train_layers),
         collate=PairCollate(_tokenizer(model_dir).pad_token_id),
         loss=functools.partial(mahdpo_loss, objectives=objectives,
                                head_weights=[dpo.loss_weights.get(h, 1.0) for h in heads], beta=dpo.beta,
