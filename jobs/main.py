@@ -108,7 +108,8 @@ def run_main(cfg: MainJobConfig) -> dict:
         r = run_rollout(RolloutJobConfig(model=ModelConfig(name_or_path=sft_dir), problems=[probs],
                                          n_samples=sz.rollout_samples, engine=cfg.engine, out_dir=str(run / "rollout"),
                                          sampling={"temperature": 1.0, "top_k": 50, "seed": 0}, ray=cfg.ray))
-        return {"dir": str(run / "rollout"), "problems": probs, "trajectories": r.rows}
+        return {"dir": str(run / "rollout"), "problems": probs, "trajectories": r.rows,
+                "failed": failed_inputs(run / "rollout", "problems failed to roll out")}
 
     rollout = stages.run("rollout", rollout_stage, config={**sizes("rollout_problems", "rollout_samples"),
                                                            "engine": cfg.engine},
@@ -125,12 +126,14 @@ def run_main(cfg: MainJobConfig) -> dict:
             trajs.append(str(Path(write_records(demos, run / "demo_trajectories" / "demos-00000.parquet",
                                                 "trajectory")).parent))
         d = run / "labels"
-        run_labeling(LabelJobConfig(model=ModelConfig(name_or_path=sft_dir), trajectories=trajs,
+        r = run_labeling(LabelJobConfig(model=ModelConfig(name_or_path=sft_dir), trajectories=trajs,
                                     problems=[data["problems_train"]], method=judged_methods(sz.judged_labels, shared),
                                     shared_objectives=shared,
                                     mc=MCConfig(k=sz.label_k, max_tokens=sz.label_max_tokens),
                                     engine=cfg.engine, out_dir=str(d), ray=cfg.ray))
-        return {"dirs": [str(d)], "summary": {str(d): summarize(str(d))}}
+        return {"dirs": [str(d)], "summary": {str(d): summarize(str(d))},
+                "failed": failed_inputs(d, "trajectories failed to label"),
+                "unparseable": r.extra.get("_unparseable", 0)}
 
     labels = stages.run("label_steps", label_stage,
                         config={**sizes("demo_trajectories", "judged_labels", "label_k", "label_max_tokens"),
@@ -179,7 +182,8 @@ def run_main(cfg: MainJobConfig) -> dict:
             data=DataConfig(paths=[str(run / "pairs")], eval_fraction=0.1), method=method, modpo_weights=weights,
             soup_together=cfg.soup_together and method == "soup",
             dpo=cfg.dpo, train=cfg.policy_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
-        return {name: {"model_dir": r.export_dir, "steps": r.step,
+        used = json.loads((out / "pairs_used.json").read_text())
+        return {name: {"model_dir": r.export_dir, "steps": r.step, "pairs_used": used,
                        "metrics": {k: v for k, v in r.metrics.items() if k.startswith("eval/")}} for name, r in res.items()}
 
     policies = {}
@@ -329,6 +333,40 @@ def objectives_section(cfg, labels: dict) -> str:
     return "\n".join(lines)
 
 
+def md_table(headers: list[str], rows: list[list]) -> str:
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)  # noqa: E731
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                      *("| " + " | ".join(fmt(x) for x in r) + " |" for r in rows)])
+
+
+def policies_section(policies: dict) -> str:
+    """Per fit: optimizer steps and the pairs it trained on after the balanced cut (what the cut discarded);
+    then the held-out DPO metrics, one column per fit."""
+    fits = [(f"{m}" + (f":{n}" if n not in (m, "") and len(res) > 1 else ""), r)
+            for m, res in policies.items() for n, r in res.items()]
+    rows = []
+    for name, r in fits:
+        per = (r.get("pairs_used") or {}).get("per_objective", {})
+        rows.append([name, r["steps"], sum(v["used"] for v in per.values()) if per else "-",
+                     sum(v["discarded"] for v in per.values()) if per else "-",
+                     (r.get("pairs_used") or {}).get("held_out", "-")])
+    out = md_table(["fit", "optimizer steps", "training pairs used", "discarded by the balanced cut", "held out"], rows)
+    keys = sorted({k for _, r in fits for k in r["metrics"]})
+    if keys:
+        out += "\n\nHeld-out DPO metrics:\n\n" + md_table(
+            ["metric", *(n for n, _ in fits)], [[k, *(r["metrics"].get(k, "-") for _, r in fits)] for k in keys])
+    return out
+
+
+def failed_inputs(out_dir: Path, what: str) -> int:
+    """Inputs a shard stage quarantined (declared input errors; anything else stopped the job), said on the console."""
+    from pipeline.data.shards import failed_count
+
+    if n := failed_count(out_dir):
+        say(f"{n} {what}: see {out_dir / '_failed'}")
+    return n
+
+
 def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, ev, served) -> dict[str, str]:
     from pipeline.eval.findings import findings
     from pipeline.eval.report import steering_examples, table, verdicts_section
@@ -343,19 +381,21 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
         "SFT": f"{sft['steps']} optimizer steps; final train loss {m.get('loss', float('nan')):.4f}, "
                f"held-out loss {m.get('eval/loss', float('nan')):.4f}. Model: `{sft['model_dir']}`.",
         "Objectives": objectives_section(cfg, labels),
-        "Rollout and step labels": f"{rollout['trajectories']} trajectories; labels: "
-                                   f"`{json.dumps(labels['summary'])}`",
+        "Rollout and step labels": md_table(["", "count"], [
+            ["trajectories rolled out", rollout["trajectories"]], ["problems failed (rollout)", rollout.get("failed", 0)],
+            ["trajectories failed (labelling)", labels.get("failed", 0)],
+            ["judge outputs unparseable (this run's labelling)", labels.get("unparseable", 0)],
+            *[[f"label rows: {o}", v.get("rows", 0)] for s_ in labels["summary"].values() for o, v in sorted(s_.items())]]),
         "PRM": f"{prm['steps']} steps; held-out steps, against the trivial baselines (AUROC 0.5, predicting "
                "the mean):\n\n" + baseline_table(prm["metrics"])
-               + f"\n\nAll held-out metrics: `{json.dumps(prm_m)}`",
-        "Pairs": f"`{json.dumps({k: v for k, v in pairs.items() if k != 'path'})}`\n\n"
+               + "\n\nAll held-out metrics:\n\n" + md_table(["metric", "value"], sorted(prm_m.items())),
+        "Pairs": md_table(["", "pairs"], [[k, v] for k, v in pairs.items() if k not in ("path", "per_objective")]
+                          + [[f"pairs: {o}", n] for o, n in sorted(pairs.get("per_objective", {}).items())]) + "\n\n"
                  "The PRM's pairs against the task's own verifier / judge (chosen scored higher, equal, lower):\n\n"
                  "| task/objective | agree | tie | disagree |\n|---|---:|---:|---:|\n"
                  + "\n".join(f"| {k} | {v.get('agree', 0)} | {v.get('tie', 0)} | {v.get('disagree', 0)} |"
                              for k, v in agreement.items()),
-        "Policies": "\n".join(f"- {m_}: " + "; ".join(f"{n}: {r['steps']} steps, "
-                                                      f"{json.dumps({k: round(v, 3) for k, v in r['metrics'].items()})}"
-                                                      for n, r in res.items()) for m_, res in policies.items()),
+        "Policies": policies_section(policies),
         "Evaluation": table(ev["rows"]) + "\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]),
         "Steering examples": steering_examples(ev["responses"]) if ev.get("responses")
         else "not saved by this run's evaluation (an evaluation from before responses were saved)",

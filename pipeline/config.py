@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.objectives.registry import ObjectiveSpec
 
@@ -103,7 +103,10 @@ class TrainConfig(Strict):
     # and copied to storage_path, ~60 s on a 2-core machine); an interrupted fit resumes from its last
     # periodic checkpoint.
     checkpoint_at_end: bool = True
-    max_failures: int = Field(0, ge=-1)  # worker-failure restarts within a run (-1: forever)
+    # Worker-group restarts within a run (-1: forever), each resuming from the last checkpoint: one dead
+    # worker does not end the job. An error the code raises on every attempt is retried too (Ray Train
+    # cannot tell them apart), so the default is one restart.
+    max_failures: int = Field(1, ge=-1)
     gradient_checkpointing: bool = False
     # Keep a copy of the model with the best held-out value of this metric (e.g. "eval/loss") in
     # <export dir>_best; each evaluation (at every checkpoint) may replace it.
@@ -393,8 +396,16 @@ class ServeConfig(Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
-    max_ongoing_requests: int = Field(8, ge=1)  # per replica
-    max_queued_requests: int = Field(16, ge=-1)  # beyond this, 503 (-1: unbounded)
+    # Per replica: requests admitted at once (decoding or waiting for a batch); one more gets an
+    # OpenAI-shaped 503 with Retry-After at once (admission control in the replica).
+    max_ongoing_requests: int = Field(8, ge=1)
+    # Ray Serve's own per-replica cap, far above max_ongoing_requests so the excess reaches the
+    # replica and gets its OpenAI-shaped 503 (Serve's own 503 is plain text).
+    serve_max_ongoing_requests: int = Field(1024, ge=2)
+    # Serve's router queue (requests in transit to a replica; a burst fills it even while replicas
+    # have room): generous, so overload is answered by the replica's 503. Past it, Serve's plain 503.
+    max_queued_requests: int = Field(1024, ge=-1)  # -1: unbounded
+    retry_after_s: int = Field(1, ge=1)  # the overload 503's Retry-After header
     max_batch_size: int = Field(8, ge=1)  # requests with different weights share a batch
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_tokens_limit: int = Field(512, ge=1)  # a request asking for more gets a 400
@@ -406,6 +417,23 @@ class ServeConfig(Strict):
     work_dir: str = "runs/serve"  # merged preset checkpoints
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _serve_cap_above_admission(self):
+        if self.serve_max_ongoing_requests <= self.max_ongoing_requests:
+            raise ValueError(f"serve_max_ongoing_requests ({self.serve_max_ongoing_requests}) must exceed "
+                             f"max_ongoing_requests ({self.max_ongoing_requests}): the excess must reach the replica "
+                             "to get its OpenAI-shaped 503")
+        return self
+
+
+def known_tasks(names: list[str]) -> list[str]:
+    """Task family names, checked: a typo would evaluate a policy on nothing, silently."""
+    from pipeline.tasks import TASKS
+
+    if unknown := [n for n in names if n not in TASKS]:
+        raise ValueError(f"unknown task famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; built-in: {list(TASKS)}")
+    return names
+
 
 class EvalPolicy(Strict):
     name: str
@@ -414,6 +442,11 @@ class EvalPolicy(Strict):
     paths: dict[str, str] = Field(default_factory=dict)  # soup: {objective: single-head checkpoint}
     sweep: bool = False  # evaluate along a weight sweep over each task's objectives
     tasks: list[str] = Field(default_factory=list)  # only these task families (empty: every family evaluated)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v):
+        return known_tasks(v)
 
 
 class GuidedEvalConfig(Strict):
@@ -467,6 +500,11 @@ class MainSizes(Strict):
     # Single-head DPO evaluated on these families only (F2 reads it on the conflicting objectives'
     # family); empty: every family
     single_eval_tasks: list[str] = Field(default_factory=list)
+
+    @field_validator("single_eval_tasks")
+    @classmethod
+    def _known(cls, v):
+        return known_tasks(v)
     sweep_points: int = Field(5, ge=2)
     sweep_soup: bool = True  # the DPO soup along the sweep too (its Pareto front); false: equal weights only
     guided_problems: int = Field(8, ge=0)  # 0: no guided decoding in the evaluation

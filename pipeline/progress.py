@@ -40,10 +40,20 @@ _active: "Console | None" = None
 
 def report(task: str, done: int, total: int) -> None:
     """`done` of `total` units of `task` are finished (cumulative). A no-op without $MAHALO_PROGRESS_FILE."""
+    _append({"task": task, "done": int(done), "total": int(total), "t": time.time()}, task)
+
+
+def advance(task: str, n: int, total: int) -> None:
+    """`n` more units of `task` are finished: for work spread over processes (the engine actors of a Ray
+    Data pool), whose increments the reader sums. A no-op without $MAHALO_PROGRESS_FILE."""
+    _append({"task": task, "add": int(n), "total": int(total), "t": time.time()}, task)
+
+
+def _append(rec: dict, task: str) -> None:
     path = os.environ.get(ENV)
     if not path:
         return
-    line = json.dumps({"task": task, "done": int(done), "total": int(total), "t": time.time()}) + "\n"
+    line = json.dumps(rec) + "\n"
     try:
         # O_APPEND and one write per line: lines from several processes do not interleave
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -107,8 +117,8 @@ def read_new(path: str | Path, offset: int) -> tuple[list[dict], int]:
     for raw in data[:end].splitlines():
         try:
             rec = json.loads(raw)
-            records.append({"task": str(rec["task"]), "done": int(rec["done"]), "total": int(rec["total"]),
-                            "t": float(rec["t"])})
+            n = {"add": int(rec["add"])} if "add" in rec else {"done": int(rec["done"])}
+            records.append({"task": str(rec["task"]), **n, "total": int(rec["total"]), "t": float(rec["t"])})
         except (ValueError, KeyError, TypeError) as e:
             log.warning("progress file %s: a malformed line skipped (%s): %r", path, e, raw[:200])
     return records, offset + end
@@ -131,6 +141,8 @@ class ProgressState:
 
     def feed(self, rec: dict) -> None:
         cur = self.tasks.get(rec["task"])
+        if "add" in rec:  # an increment (advance): on top of what this task's increments made so far
+            rec = {**rec, "done": rec["add"] + (cur.done if cur is not None and cur.total == rec["total"] else 0)}
         if cur is None or rec["done"] < cur.done or rec["total"] != cur.total:  # new, restarted or resized
             cur = self.tasks[rec["task"]] = _Task(rec["total"], rec["done"], rec["t"], rec["done"], rec["t"])
         cur.done, cur.t = rec["done"], rec["t"]
@@ -318,7 +330,7 @@ def console_job(log_path: str | Path, progress_path: str | Path, name: str = "ma
     os.dup2(logf.fileno(), 2)
     sys.stdout = sys.stderr = logf
     root.handlers = [to_file, _ConsoleHandler(console)]
-    os.environ[ENV] = str(progress_path)
+    os.environ[ENV] = str(Path(progress_path).resolve())  # workers run in other directories
     _active = console
     tail = threading.Thread(target=_tail, args=(console, progress_path, stop, poll_s), name="progress-tail",
                             daemon=True)

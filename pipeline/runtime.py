@@ -42,12 +42,19 @@ def default_env() -> dict[str, str]:
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
-def quiet_worker_logs() -> None:
-    """Ray's worker_process_setup_hook (runs in each worker process at start): quieten QUIET_LOGGERS."""
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook (runs in each worker process at start): quieten QUIET_LOGGERS, and
+    name this job's cluster in RAY_ADDRESS. Ray Train's placement-group cleaner queries the state API
+    without an address; with another Ray on the machine (a second job, a test session) it failed with
+    "Found multiple active Ray instances" on every poll."""
     import logging
+
+    import ray
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "RAY_ADDRESS" not in os.environ and ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def runtime_env(cfg: RayConfig) -> dict:
@@ -55,7 +62,7 @@ def runtime_env(cfg: RayConfig) -> dict:
     env.update({k: os.environ[k] for k in FORWARDED if k in os.environ})
     user = dict(cfg.runtime_env)
     env.update({k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()})
-    return {"worker_process_setup_hook": "pipeline.runtime.quiet_worker_logs", **user, "env_vars": env}
+    return {"worker_process_setup_hook": "pipeline.runtime.setup_worker", **user, "env_vars": env}
 
 
 def job_runtime_env() -> dict:

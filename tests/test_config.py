@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from jobs.common import CONFIGS, parse_job_args
 from pipeline.config import (ConfigError, LabelJobConfig, MainJobConfig, RolloutJobConfig, SFTJobConfig, load_config,
@@ -80,3 +81,13 @@ def test_modpo_settings_are_checked(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(PolicyJobConfig, None, overrides)
+
+
+def test_a_misspelt_task_family_in_an_eval_filter_is_an_error_not_an_empty_evaluation():
+    from pipeline.config import EvalPolicy, MainSizes
+
+    assert MainSizes(single_eval_tasks=["assistant"]).single_eval_tasks == ["assistant"]
+    with pytest.raises(ValidationError, match="unknown task family \\['asistant'\\]"):
+        MainSizes(single_eval_tasks=["asistant"])
+    with pytest.raises(ValidationError, match="unknown task family"):
+        EvalPolicy(name="sft", kind="hf", path="x", tasks=["maths"])

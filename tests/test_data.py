@@ -195,3 +195,21 @@ def test_ultrafeedback_and_math_converters(tmp_path):
     src.write_text(json.dumps({"problem": "What is 1+1?", "solution": "two"}) + "\n")
     with pytest.raises(RecordError, match="row 0: field 'solution'"):
         main(["--source", "math", "--dataset", str(src), "--out_dir", str(tmp_path / "out2")])
+
+
+def test_held_out_split_keeps_every_turn_of_a_dialogue_on_one_side():
+    """SFT rows of one dialogue (one per assistant turn, each prompted by the dialogue so far) are split by
+    the dialogue's opening; a random row split put turns of one dialogue on both sides."""
+    from pipeline.data.split import dialogue_key, held_out
+
+    sides = set()
+    for d in range(40):
+        opening = [{"role": "system", "content": "Tutor."}, {"role": "user", "content": f"Help with problem {d}."}]
+        turns = [opening + [{"role": "assistant", "content": f"hint {t}"}, {"role": "user", "content": "ok"}] * t
+                 for t in range(4)]
+        assert len({dialogue_key(t) for t in turns}) == 1
+        side = {held_out(t, 0.3) for t in turns}
+        assert len(side) == 1
+        sides |= side
+    assert sides == {True, False}  # both sides get dialogues
+    assert held_out("a plain string prompt", 0.3) == held_out("a plain string prompt", 0.3)

@@ -207,6 +207,19 @@ def test_failed_rows_are_counted_and_kept_aside(tmp_path, ray_session):
     assert [json.loads(x)["input"] for x in failed] == ["t0"] and "problem p0 not found" in failed[0]
 
 
+def test_an_empty_trajectory_shard_gets_an_empty_label_shard_and_the_rest_are_labelled(tmp_path, ray_session, caplog):
+    """A rollout shard whose every problem failed is written empty; labelling used to stop on it (EmptyInput)."""
+    over = write_inputs(tmp_path, n_shards=2, per_shard=2)
+    write_records([], tmp_path / "traj" / "part-1.parquet", "trajectory")
+    report = run_labeling(load_config(LabelJobConfig, None, over))
+    assert report.rows == 2 and report.failed_inputs == 0
+    assert read_records(str(tmp_path / "labels" / "part-0.parquet"), "stepwise")[0].num_rows == 2
+    import pyarrow.parquet as pq
+
+    assert pq.read_metadata(tmp_path / "labels" / "part-1.parquet").num_rows == 0
+    assert "part-1.parquet holds no trajectories" in caplog.text
+
+
 def _family_trajectories():
     """One trajectory per problem of math_word and tutoring (families that both have accuracy and engagement)."""
     from pipeline.tasks import math_word
@@ -262,3 +275,49 @@ def test_label_method_keys_resolve_to_one_objective():
         label_methods(LabelJobConfig(method={"engagment": "judge_prefix"}))  # was: silently ignored
     with pytest.raises(ValueError, match="shared_objectives: \\['acuracy'\\] is no task's objective"):
         label_methods(LabelJobConfig(shared_objectives=["acuracy"]))
+
+
+class _RaisingEngine:
+    """An engine whose every call raises `exc`: a declared input error or anything else."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def complete(self, *a, **k):
+        raise self.exc
+
+    generate = complete
+
+    def render(self, prompt):
+        return json.dumps(prompt)
+
+
+def test_only_declared_input_errors_are_quarantined_others_stop_the_job():
+    """An out-of-memory error or a bug inside labelling used to be turned into 'failed inputs'
+    (the job exited 0); now it propagates, and only InputError is counted per trajectory."""
+    from pipeline.data.records import InputError
+    from pipeline.labeling.job import label_batch
+
+    problems, batch = _family_trajectories()
+    kw = dict(problems=problems, objectives={}, extra={}, methods={}, mc={"k": 2}, sampling={})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        label_batch(_RaisingEngine(RuntimeError("out of memory")), batch, **kw)
+    out = label_batch(_RaisingEngine(InputError("prompt too long")), batch, **kw).to_pylist()
+    failed = [r for r in out if r["_error"]]
+    # math_word's objectives call the engine; tutoring's default methods (dialogue prefix) do not
+    assert {r["_input"] for r in failed} == {t for t in batch.column("id").to_pylist() if t.startswith("math_word")}
+    assert all("InputError: prompt too long" in r["_error"] for r in failed)
+
+
+def test_unknown_task_fails_its_trajectory_alone():
+    from pipeline.labeling.job import label_batch
+
+    problems, batch = _family_trajectories()
+    first = batch.column("problem_id")[0].as_py()
+    problems[first] = {**problems[first], "task": "no_such_task"}
+    out = label_batch(None, batch, problems=problems, objectives={}, extra={},
+                      methods={"math_word/accuracy": "outcome", "math_word/engagement": "judge_prefix",
+                               "tutoring/engagement": "judge_prefix"}, mc={}, sampling={}).to_pylist()
+    bad = [r for r in out if r["_error"]]
+    assert [r["_input"] for r in bad] == [f"{first}-t"] and "field 'task': unknown task 'no_such_task'" in bad[0]["_error"]
+    assert {r["_input"] for r in out if not r["_error"]} == {f"{p}-t" for p in problems if p != first}

@@ -140,3 +140,24 @@ def test_objective_ids_and_how_a_reference_to_one_resolves():
         resolve_keys({"concision": 1, "assistant/concision": 2}, ids)
     with pytest.raises(ValueError, match="should match pattern"):  # '/' separates family and name in an id
         ObjectiveSpec.model_validate({"name": "a/b", "kind": "verifiable", "verifier": "math"})
+
+
+def test_math_verifier_off_the_main_thread_has_a_time_limit():
+    """In Ray Data actors (off the main thread) math-verify's signal timeouts do not work, so a pathological
+    answer could hang a stage: the check runs in a pool process with an outer limit that kills it."""
+    import threading
+    import time
+
+    from pipeline.objectives import math_verifier as mv
+
+    t0 = time.time()
+    with pytest.raises(TimeoutError, match="longer than 0.5 s"):
+        mv.run_with_timeout(time.sleep, (30,), 0.5)
+    assert time.time() - t0 < 10
+    assert mv.run_with_timeout(abs, (-3,), 30) == 3  # a fresh worker after the killed one
+    out = {}
+    th = threading.Thread(target=lambda: out.update(ok=is_correct("So 3 + 4 = 7.\n\\boxed{7}", "7"),
+                                                   bad=is_correct("\\boxed{8}", "7")))
+    th.start()
+    th.join(60)
+    assert out == {"ok": True, "bad": False}

@@ -177,6 +177,9 @@ def test_fit_prm_job_and_batch_scorer(tmp_path, ray_session, tiny_model_dir):
     n_train = sum(not held_out(json.dumps(r["prompt"]), 0.25) for r in rows if r["id"].startswith("a"))
     assert res.metrics["outcome_pairs/preference"] == n_train  # one pair per training prompt
     assert (tmp_path / "prm" / "model_best" / "prm_head.safetensors").exists()
+    tok_report = json.loads((tmp_path / "prm" / "tokenization.json").read_text())
+    assert res.metrics["duplicate_rows"] == 0 and res.metrics["steps_cut/train"] == 0  # every step fits 768 tokens
+    assert tok_report["train"]["steps"] + tok_report["eval"]["steps"] == 24 * (3 + 2)  # one of each response
 
     model, tok = VectorPRM.load(tmp_path / "prm" / "model")
     # content, not position: every position is right in half the responses, so a PRM that read only
@@ -419,3 +422,31 @@ def test_outcome_pairs_are_counted_and_an_objective_without_pairs_is_refused(cap
             e["labels"][-1][1] = 1.0
     with pytest.raises(ValueError, match="outcome objective 'pref' has no Bradley-Terry pair"):
         check_outcome_pairs(group_examples(ex, kinds), ["acc", "pref"], kinds)
+
+
+def test_duplicate_stepwise_rows_are_averaged_and_counted():
+    """Two trajectories sampled alike give two rows of one (objective, prompt, steps): the later used to
+    overwrite the earlier without a word; now their labels are averaged (more rollouts of the same
+    prefixes) and the repeat is counted."""
+    from pipeline.train.prm import merge_stepwise
+
+    p = [{"role": "user", "content": "2 + 2?"}]
+    row = lambda i, labels, o="acc": {"id": f"r{i}", "prompt": p, "completions": ["2 + 2 = 4.", "4"],  # noqa: E731
+                                      "objective": o, "labels": labels}
+    stats = {}
+    out = merge_stepwise([row(0, [0.25, 1.0]), row(1, [0.75, None]), row(2, [0.5, 0.0]), row(3, [1.0, 1.0], "eng")],
+                         ["acc", "eng"], stats)
+    assert len(out) == 1 and stats == {"duplicate_rows": 2}
+    assert out[0]["labels"] == [[pytest.approx(0.5), 1.0], [pytest.approx(0.5), 1.0]]
+
+
+def test_truncated_steps_are_counted_by_tokenize_prm(tiny_model_dir):
+    import pyarrow as pa
+
+    from pipeline.train.prm import tokenize_prm
+
+    p = [{"role": "user", "content": "Count."}]
+    rows = [{"prompt": p, "prompt_key": json.dumps(p), "completions": [f"step {i} " * 20 for i in range(6)],
+             "labels": [[1.0]] * 6}]
+    t = tokenize_prm(pa.Table.from_pylist(rows), tiny_model_dir, "<|step|>", 96).to_pylist()[0]
+    assert t["n_steps"] == 6 and 0 < t["cut_steps"] < 6 and len(t["positions"]) == 6 - t["cut_steps"]

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +205,29 @@ def test_an_exit_inside_the_job_is_said_too(tmp_path, capfd):
         with console_job(tmp_path / "main.log", tmp_path / "p.jsonl"):
             raise SystemExit(1)
     assert "main: stopped (exit 1)\nmain: full log: " in capfd.readouterr().out
+
+
+def test_a_relative_progress_path_reaches_workers_that_run_in_other_directories(tmp_path, monkeypatch, capfd):
+    """`make run` passes runs/main/logs/progress.jsonl; Ray workers run elsewhere, so the variable must be
+    absolute (it was relative, and every SFT step report failed with 'No such file or directory')."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    with console_job(Path("run/logs/main.log"), Path("run/logs/progress.jsonl"), poll_s=0.05):
+        assert os.path.isabs(os.environ[progress.ENV])
+        os.chdir(tmp_path / "elsewhere")  # a worker's working directory
+        progress.report("sft steps", 1, 4)
+        os.chdir(tmp_path)
+    assert json.loads((tmp_path / "run/logs/progress.jsonl").read_text())["task"] == "sft steps"
+
+
+def test_increments_from_several_processes_are_summed(tmp_path, monkeypatch):
+    """Engine actors of a Ray Data pool report per batch (`advance`); the reader adds them up."""
+    f = tmp_path / "p.jsonl"
+    monkeypatch.setenv(progress.ENV, str(f))
+    for n in (32, 32, 10):
+        progress.advance("trajectories labelled", n, 100)
+    records, _ = read_new(f, 0)
+    state = ProgressState()
+    for r in records:
+        state.feed(r)
+    assert state.tasks["trajectories labelled"].done == 74 and state.text().startswith("trajectories labelled 74/100")

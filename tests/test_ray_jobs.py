@@ -50,10 +50,13 @@ def test_workers_quieten_the_placement_group_cleaner(ray_session):
 
     @ray.remote(num_cpus=0)
     def levels():
-        return [logging.getLogger(n).getEffectiveLevel() for n in (*QUIET_LOGGERS, "ray.train")]
+        return [logging.getLogger(n).getEffectiveLevel() for n in (*QUIET_LOGGERS, "ray.train")], \
+            os.environ.get("RAY_ADDRESS")
 
-    *quiet, other = ray.get(levels.remote())
+    (*quiet, other), address = ray.get(levels.remote())
     assert all(level == logging.ERROR for level in quiet) and other < logging.ERROR
+    # the job's own cluster, so the cleaner's address-less State API calls never see "multiple Ray instances"
+    assert address == ray.get_runtime_context().gcs_address
 
 
 @pytest.mark.slow

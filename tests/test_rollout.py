@@ -115,3 +115,31 @@ def test_rollout_then_label_on_vllm_actors(tmp_path, ray_session, tiny_model_dir
     for r in labels.to_pylist():
         assert len(r["labels"]) == len(r["completions"])
         assert all(x is None or 0.0 <= x <= 1.0 for x in r["labels"])
+
+
+def test_rollout_batch_quarantines_only_declared_input_errors():
+    """Anything but InputError (out of memory, a bug) stops the rollout instead of becoming 'failed problems'."""
+    import pyarrow as pa
+
+    from pipeline.data.records import InputError
+    from pipeline.rollout.trajectories import rollout_batch
+    from pipeline.tasks import math_word
+
+    probs = [{**p, "_shard": "s0"} for p in math_word.generate(3, 0)[0]]
+    probs[2] = {**probs[2], "task": "no_such_task"}
+    batch = pa.Table.from_pylist(probs)
+
+    class Raising:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def generate(self, *a, **k):
+            raise self.exc
+
+    with pytest.raises(MemoryError):
+        rollout_batch(Raising(MemoryError()), batch, n_samples=1, sampling={}, policy="x")
+    out = rollout_batch(Raising(InputError("prompt 0 is too long")), batch, n_samples=1, sampling={}, policy="x")
+    errors = {r["_input"]: r["_error"] for r in out.to_pylist()}
+    assert len(errors) == 3 and all(errors.values())
+    assert "InputError: prompt 0 is too long" in errors[probs[0]["id"]]
+    assert "field 'task': unknown task 'no_such_task'" in errors[probs[2]["id"]]

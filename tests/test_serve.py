@@ -36,7 +36,7 @@ def endpoint(ray_session, steerable_policy, tiny_model_dir, tmp_path_factory):
     os.environ["MAHALO_TEST_KEY"] = KEY
     cfg = ServeConfig.model_validate({
         "model": {"name_or_path": path}, "model_name": "steer", "prm": str(prm_dir), "api_key_env": "MAHALO_TEST_KEY",
-        "max_ongoing_requests": 2, "max_queued_requests": 1, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
+        "max_ongoing_requests": 2, "max_queued_requests": 64, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
         "max_tokens_limit": 256, "max_body_bytes": 4096, "http_port": port, "num_cpus": 0.5,
         "guidance": {"candidates": 2, "max_steps": 2, "max_step_tokens": 6, "boundary": "sentences"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -53,8 +53,8 @@ def _post(ep, path, body, key=KEY, **kw):
 
 
 def _post_until_admitted(ep, path, body, tries=5):
-    """The fixture's limits are tight (to test overload): Ray Serve's router may hold one request
-    in its queue when the other arrives and reject that one with a 503. Retry those."""
+    """The fixture admits 2 requests at once (to test overload): a request arriving while an earlier
+    test's are still in flight gets the replica's 503. Retry those."""
     import time
 
     for _ in range(tries):
@@ -121,6 +121,44 @@ def test_invalid_requests_get_openai_errors(endpoint, body, status, param):
     assert err["message"] and err["type"] and err["param"] == param
 
 
+@pytest.mark.parametrize("body,path,param", [
+    (b'{"model": "steer", "messages": [{"role": "user", "content": "\xff"}]}', "/v1/chat/completions", None),
+    (b'{"model": "steer", "messages": [{"role": "user", "content": "\\ud800"}]}', "/v1/chat/completions",
+     "messages.0.content"),
+    (b"[" * 2000 + b"]" * 2000, "/v1/chat/completions", None),  # past json's recursion limit, under max_body_bytes
+    (json.dumps({**_chat(), "seed": 2 ** 70}).encode(), "/v1/chat/completions", "seed"),
+    (json.dumps({**_chat(), "objective_weights": {"accuracy": 1e308, "engagement": 1e308}}).encode(),
+     "/v1/chat/completions", "objective_weights"),
+    (b'{"model": "steer", "prompt": ""}', "/v1/completions", "prompt"),
+])
+def test_hostile_bodies_get_a_400_not_a_500(endpoint, body, path, param):
+    r = httpx.post(endpoint["url"] + path, content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_unknown_routes_and_wrong_methods_use_the_openai_shape(endpoint):
+    for r, status in ((httpx.post(endpoint["url"] + "/v1/nothing", timeout=30), 404),
+                      (httpx.get(endpoint["url"] + "/v1/chat/completions", timeout=30), 405)):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
+def test_stop_strings_cut_plain_and_streamed_answers(endpoint):
+    """The engagement head answers " there there ...": stop "re t" cuts it to " the", in both modes;
+    content as a list of text parts is accepted as OpenAI accepts it."""
+    body = _chat({"engagement": 1}, max_tokens=6, stop=["re t"])
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "Hello there,"},
+                                                     {"type": "text", "text": "what is new?"}]}]
+    plain = _post_until_admitted(endpoint, "/v1/chat/completions", body).json()["choices"][0]
+    assert plain["message"]["content"] == endpoint["b"][:4] and plain["finish_reason"] == "stop"
+    with httpx.stream("POST", endpoint["url"] + "/v1/chat/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+        chunks = [json.loads(ln[6:])["choices"][0] for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == plain["message"]["content"]
+    assert chunks[-1]["finish_reason"] == "stop"
+
+
 def test_api_key_is_required(endpoint):
     assert _post(endpoint, "/v1/chat/completions", _chat(), key=None).status_code == 401
     r = _post(endpoint, "/v1/chat/completions", _chat(), key="wrong")
@@ -161,12 +199,18 @@ def test_openai_client_with_extra_body_and_guidance(endpoint):
                                        extra_body={"objective_weights": {"nope": 1}})
 
 
-def test_overload_gets_503_not_a_crash(endpoint):
+def test_overload_gets_an_openai_503_with_retry_after(endpoint):
+    """Admission control in the replica (max_ongoing_requests 2): the rest get an OpenAI-shaped 503
+    with Retry-After at once, never Serve's plain-text one."""
     body = _chat({"accuracy": 1}, max_tokens=200, temperature=1.0)
     with cf.ThreadPoolExecutor(10) as pool:
-        codes = [f.result().status_code for f in [pool.submit(_post, endpoint, "/v1/chat/completions", body)
-                                                  for _ in range(10)]]
+        rs = [f.result() for f in [pool.submit(_post, endpoint, "/v1/chat/completions", body) for _ in range(10)]]
+    codes = [r.status_code for r in rs]
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+    for r in rs:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1", r.headers
+            assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "server_error"
     assert _post(endpoint, "/v1/chat/completions", _chat()).status_code == 200  # still serving
 
 

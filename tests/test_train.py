@@ -273,3 +273,45 @@ def test_auroc_equals_pairwise_count_with_ties():
         brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
         assert auroc(scores, labels) == pytest.approx(brute, abs=1e-12), n
         assert auroc(-scores, labels) == pytest.approx(1 - brute, abs=1e-12)
+
+
+def test_a_resume_drops_the_metric_lines_of_the_steps_it_redoes(tmp_path):
+    """A checkpoint written in the last seconds before a failure may not be the one Ray Train resumes from:
+    the steps after the resumed one run again, and were logged twice (issue 20)."""
+    from pipeline.train.harness import read_metrics, truncate_metrics
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9)))
+    assert truncate_metrics(str(f), 4) == 4
+    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [1, 2, 3, 4]
+    assert truncate_metrics(str(f), 4) == 0 and truncate_metrics(str(tmp_path / "none.jsonl"), 0) == 0
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_uploaded_but_not_yet_registered_is_resumed_from(tmp_path, ray_session, tiny_model_dir):
+    """Ray Train's controller registers a reported checkpoint up to ~2 s after every rank uploaded it; a
+    failure in that window resumed one checkpoint interval further back. Every rank now marks its upload
+    done, and a resume takes the newest checkpoint all ranks marked. Simulated: a copy of the registered
+    step-2 checkpoint, renamed and relabelled as step 4, stands for the unregistered one."""
+    import shutil
+
+    from pipeline.train.harness import REPORTED, newest_reported_checkpoint
+
+    ds = distinct_rows_dataset(ray_session, tiny_model_dir)
+    spec = build_spec(tiny_model_dir, True)
+    kw = dict(run_name="late", num_train_rows=16, log_dir=str(tmp_path / "logs"))
+    fit(spec, train_cfg(tmp_path, max_steps=2, checkpoint_every=2), {"train": ds}, **kw)
+    run_dir = tmp_path / "ray" / "late"
+    two = run_dir / "checkpoint-0000002"
+    assert sorted(p.name for p in two.glob(REPORTED + "*")) == [f"{REPORTED}0", f"{REPORTED}1"]
+    four = run_dir / "checkpoint-0000004"
+    shutil.copytree(two, four)
+    state = json.loads((four / "trainer_state.json").read_text())
+    (four / "trainer_state.json").write_text(json.dumps({**state, "step": 4, "epoch": 1, "micro_in_epoch": 0}))
+    (four / f"{REPORTED}1").unlink()  # rank 1 not done uploading: incomplete, not taken
+    assert newest_reported_checkpoint(run_dir) == two
+    (four / f"{REPORTED}1").write_text("2")
+    assert newest_reported_checkpoint(run_dir) == four
+    res = fit(spec, train_cfg(tmp_path, max_steps=6, checkpoint_every=2), {"train": ds}, **kw)
+    raw = [json.loads(x)["step"] for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert raw == [1, 2, 5, 6] and res.step == 6, raw  # resumed at 4, not at Ray Train's registered 2

@@ -45,6 +45,12 @@ class EmptyInput(ValueError):
     """A read that found no rows at all."""
 
 
+class InputError(ValueError):
+    """One input of a shard stage (a problem, a trajectory) that cannot be processed as given:
+    missing its reference, a prompt longer than the engine's context. The stage quarantines it to
+    `<out_dir>/_failed/` and counts it; any other exception (out of memory, a bug) stops the job."""
+
+
 # TRL's "ignore" label (the loss's ignore_index): read as a missing step label (null), and counted.
 IGNORE_LABEL = -100
 # Soft step labels: MC success rates, normalised hindsight targets and outcome scores lie in [0, 1];

@@ -34,6 +34,11 @@ class ShardReport:
     extra: dict = field(default_factory=dict)  # stage-specific counters (e.g. unparseable judge outputs)
 
 
+def failed_count(out_dir: str | Path) -> int:
+    """Inputs quarantined under `<out_dir>/_failed/` by this and earlier (resumed) runs."""
+    return sum(len(f.read_text().splitlines()) for f in sorted(Path(out_dir).glob("_failed/*.jsonl")))
+
+
 def pending(shards: dict[str, Path]) -> tuple[dict[str, Path], list[str]]:
     """(shards still to do, shards already written)."""
     done = [s for s, p in shards.items() if p.exists()]

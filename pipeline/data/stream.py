@@ -73,7 +73,7 @@ def read_dataset(
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def _is_empty(path: str) -> bool:
+def is_empty(path: str) -> bool:
     """Known empty without reading it: a zero-byte file, or Parquet with zero rows in its footer."""
     p = Path(path)
     if not p.is_file():
@@ -89,7 +89,7 @@ def _is_empty(path: str) -> bool:
 
 
 def _check_not_all_empty(files: list[str], kind: str) -> None:
-    empty = [f for f in files if _is_empty(f)]
+    empty = [f for f in files if is_empty(f)]
     for f in empty:
         log.warning("%s: no rows", f)
     if len(empty) == len(files):

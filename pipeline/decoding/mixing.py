@@ -20,8 +20,26 @@ def eos_ids(tokenizer, config) -> set[int]:
     return {tokenizer.eos_token_id} | (set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None})
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy at temperature 0; else nucleus sampling. logits [B, V] -> [B]."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def row_generators(seeds: list[int | None]) -> list[torch.Generator]:
+    """One generator per row, so a row's draws depend on its own seed only, not on its batch.
+    An unseeded row gets a fresh random seed (its own stream all the same)."""
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        if s is None:
+            g.seed()
+        else:
+            g.manual_seed(s)
+        gens.append(g)
+    return gens
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Generators) -> torch.Tensor:
+    """Greedy at temperature 0; else nucleus sampling. logits [B, V] -> [B]. `generator`: one for the
+    whole batch, or a list of one per row (each row drawn from its own)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -30,7 +48,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,13 +72,13 @@ def screen_copy(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def screened_tokens(h: torch.Tensor, W: torch.Tensor, coef: torch.Tensor, low: torch.Tensor, norms: torch.Tensor,
-                    temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+                    temperature: float, generator: Generators) -> torch.Tensor:
     """The next token of each row under the exact mixed logits z_b = sum_m coef_bm W_m h_b: the argmax of
     z (temperature 0) or of z / T + Gumbel noise (a sample of softmax(z / T)), found while reading the
     heads in bfloat16, half the bytes of float32. The bf16 pass is off by at most
     c ||h_b|| sum_m |coef_bm| ||W_mv|| per token v (rounding of h and W, float32 accumulation); every v
     whose bound reaches the best lower bound is recomputed exactly, so the token is the float32 one.
-    h [B, D], W [M, V, D] (float32), coef [B, M]; low, norms from screen_copy(W)."""
+    h [B, D], W [M, V, D] (float32), coef [B, M]; low, norms from screen_copy(W); `generator` as in sample."""
     used = [m for m in range(W.shape[0]) if bool((coef[:, m] != 0).any())]
     hf, cf = h.float(), coef.float()
     hl = h.to(low.dtype)
@@ -65,7 +86,12 @@ def screened_tokens(h: torch.Tensor, W: torch.Tensor, coef: torch.Tensor, low: t
     c = 2 * _U + _U ** 2 + 2 * h.shape[-1] * 2.0 ** -24
     slack = c * hf.norm(dim=-1, keepdim=True) * (cf[:, used].abs() @ norms[used])
     if temperature > 0:
-        g = -torch.empty(approx.shape, dtype=torch.float32).exponential_(generator=generator).log().to(h.device)
+        if isinstance(generator, list):  # each row's noise from its own generator
+            g = torch.stack([torch.empty(approx.shape[-1], dtype=torch.float32).exponential_(generator=r)
+                             for r in generator])
+        else:
+            g = torch.empty(approx.shape, dtype=torch.float32).exponential_(generator=generator)
+        g = -g.log().to(h.device)
         score, slack = approx / temperature + g, slack / temperature
     else:
         g, score = None, approx
@@ -97,7 +123,7 @@ def mix_strategy(n_unique: int, n_heads_used: int, head_bytes: int, budget_bytes
 @torch.no_grad()
 def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max_new_tokens: list[int] | int,
                   eos_ids: set[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int | None = None, merge_budget_bytes: int = 2 << 30,
+                  seed: int | None = None, seeds: list[int | None] | None = None, merge_budget_bytes: int = 2 << 30,
                   strategy: str = "auto") -> Iterator[list[int | None]]:
     """Yields, per decoding step, each request's new token (None once it has finished).
 
@@ -109,10 +135,18 @@ def stream_tokens(model, prompts: list[list[int]], weights: torch.Tensor, *, max
     `strategy` ("merged" / "per_token") overrides the choice. With float32 heads and top_p 1 the
     projection reads them in bfloat16 and recomputes the few tokens that could win exactly
     (`screened_tokens`): the same tokens as float32, half the bytes per step; sampling then uses
-    Gumbel noise from `seed` (with top_p < 1, nucleus sampling on the float32 logits)."""
+    Gumbel noise from `seed` (with top_p < 1, nucleus sampling on the float32 logits).
+    `seeds` (one per row, None: a fresh random seed) gives each row its own generator, so a row's
+    tokens depend only on its prompt, weights, settings and seed, never on the rest of its batch
+    (the server's per-request seeds); `seed` is one stream for the whole batch (exclusive with `seeds`)."""
     b = len(prompts)
     limits = torch.tensor([max_new_tokens] * b if isinstance(max_new_tokens, int) else max_new_tokens)
-    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    if seeds is not None:
+        if seed is not None or len(seeds) != b:
+            raise ValueError(f"seeds: give either `seed` or one seed per prompt ({len(seeds)} seeds, {b} prompts)")
+        gen: Generators = row_generators(seeds)
+    else:
+        gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     dev = model.device
     ids, att = left_pad(prompts, pad_id, dev)
     w = weights.to(dev, dtype=model.heads.dtype)

@@ -38,6 +38,13 @@ class EngineUDF:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.fn(self.engine, batch, **self.kwargs)
 
+    def __del__(self):
+        # Ray Data drops a finished pool's actors gracefully (__ray_shutdown__ deletes the UDF): the engine's
+        # own processes and shared memory go with it, not at the end of the Ray session
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
 
 def map_with_engine(ds, spec: EngineConfig, model_dir: str, fn: Callable, **fn_kwargs: Any):
     return ds.map_batches(

@@ -56,6 +56,7 @@ class VLLMEngine:
         # training's tokenizer (not vLLM's copy), so prompt ids are built by the same code
         self.tokenizer = load_tokenizer(model_dir)
         self.model_dir = model_dir
+        self.max_model_len = max_model_len
 
     def _params(self, n, max_tokens, temperature, top_p, top_k, seed, stop):
         from vllm import SamplingParams
@@ -81,6 +82,12 @@ class VLLMEngine:
 
         if not ids:
             return []
+        if too_long := [(i, len(p)) for i, p in enumerate(ids) if len(p) >= self.max_model_len]:
+            from pipeline.data.records import InputError
+
+            i, n_tok = too_long[0]
+            raise InputError(f"prompt {i} of this batch is {n_tok} tokens, not shorter than the engine's "
+                             f"max_model_len {self.max_model_len} ({len(too_long)} such prompt(s))")
         base = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         if seeds is not None or per_request is not None:
             params = [self._params(**{**base, **({"seed": seeds[i]} if seeds is not None else {}),

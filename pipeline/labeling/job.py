@@ -14,10 +14,11 @@ import pyarrow as pa
 
 from pipeline import progress
 from pipeline.config import LabelJobConfig, MCConfig
-from pipeline.data.io import list_shards, read_records
+from pipeline.data.io import list_shards, read_records, write_records
+from pipeline.data.records import InputError
 from pipeline.data.shards import ShardReport, pending, write_by_shard
 from pipeline.data.schemas import schema_for
-from pipeline.data.stream import read_dataset
+from pipeline.data.stream import is_empty, read_dataset
 from pipeline.labeling.steps import DEFAULT_METHOD, label_objective
 from pipeline.models.registry import resolve_model
 from pipeline.objectives import build_objectives, objective_id, resolve_keys
@@ -31,7 +32,7 @@ RESULT_SCHEMA = (schema_for("stepwise").append(pa.field("_shard", pa.string())).
 
 
 def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, extra: dict, methods: dict,
-                mc: dict, sampling: dict, shared: list[str] = ()) -> pa.Table:
+                mc: dict, sampling: dict, shared: list[str] = (), progress_total: int = 0) -> pa.Table:
     """Rows carry the objective's id (`<family>/<name>`, or the bare name when shared); `methods` is keyed by id."""
     mc_cfg = MCConfig.model_validate(mc)
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -40,6 +41,10 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
         p = problems.get(tr["problem_id"])
         if p is None:
             out.append({"_shard": tr["_shard"], "_input": tr["id"], "_error": f"problem {tr['problem_id']} not found"})
+            continue
+        if p["task"] not in TASKS:
+            out.append({"_shard": tr["_shard"], "_input": tr["id"], "_error": f"problem {p['id']}: field 'task': "
+                        f"unknown task {p['task']!r}; built-in tasks: {', '.join(TASKS)}"})
             continue
         if not (p["reference"] or "").strip() and (need := _reference_objective(p["task"], objectives, extra)):
             out.append({"_shard": tr["_shard"], "_input": tr["id"], "_error": f"problem {p['id']}: field 'reference': "
@@ -57,7 +62,7 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
                 method = methods.get(objective_id(task_name, name, shared)) or DEFAULT_METHOD[obj.kind]
                 smp = {**sampling, "max_tokens": mc_cfg.max_tokens or sampling.get("max_tokens") or task.max_tokens}
                 results[name] = label_objective(method, engine, obj, trajs, mc_cfg, smp)
-        except Exception as e:  # counted and reported by the driver, never dropped silently
+        except InputError as e:  # a declared input error: quarantined and counted; anything else stops the job
             out += [{"_shard": tr["_shard"], "_input": tr["id"], "_error": f"{type(e).__name__}: {e}"} for tr in trajs]
             continue
         for name, labelled in results.items():
@@ -67,6 +72,8 @@ def label_batch(engine, batch: pa.Table, *, problems: dict, objectives: dict, ex
                             "objective": oid, "labels": lab.labels, "label_kind": lab.label_kind,
                             "rollouts_per_step": lab.rollouts_per_step, "_shard": tr["_shard"], "_input": tr["id"],
                             "_error": None, "_unparseable": lab.unparseable})
+    if progress_total:  # from the engine actor, per batch: the driver sees whole shards only at their end
+        progress.advance("trajectories labelled", batch.num_rows, progress_total)
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
 
@@ -109,6 +116,11 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
     log.info("label_steps: %d shards, %d already labelled, %d to do", len(shards), len(done), len(todo))
     if not todo:
         return ShardReport(shards_skipped=[str(out_paths[s]) for s in done])
+    for s in [s for s in todo if is_empty(s)]:  # e.g. a rollout shard whose every problem failed
+        log.warning("label_steps: %s holds no trajectories: its label shard is written empty", s)
+        write_records([], todo.pop(s), "stepwise")
+    if not todo:
+        return ShardReport(shards_skipped=[str(out_paths[s]) for s in done])
     table, _ = read_records(cfg.problems, "problem")
     problems = {r["id"]: r for r in table.select(["id", "task", "reference", "meta"]).to_pylist()}
     expected = {}
@@ -122,10 +134,9 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
     ds = map_with_engine(ds, cfg.engine, model_dir, label_batch, problems=problems, objectives=cfg.objectives,
                          extra={t: [o.model_dump() for o in v] for t, v in cfg.extra_objectives.items()},
                          methods=methods, mc=cfg.mc.model_dump(), sampling=cfg.sampling.model_dump(),
-                         shared=cfg.shared_objectives)
+                         shared=cfg.shared_objectives, progress_total=sum(expected.values()))
     with tqdm(total=len(todo), desc="label shards", mininterval=5) as bar:
-        batches = progress.tracked(ds.iter_batches(batch_size=None, batch_format="pyarrow"), "trajectories labelled",
-                                   sum(expected.values()), count=lambda b: len(set(b.column("_input").to_pylist())))
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
         report = write_by_shard(batches, expected,
                                 {s: out_paths[s] for s in todo}, "stepwise", counters=("_unparseable",), progress=bar)
     report.shards_skipped = [str(out_paths[s]) for s in done]

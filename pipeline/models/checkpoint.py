@@ -84,7 +84,9 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | No
         tokenizer.save_pretrained(tmp)
     if extra is not None:
         extra(tmp)
-    if out.exists():
-        shutil.rmtree(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():  # moved aside, not deleted first: a kill between the two renames leaves both copies
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out

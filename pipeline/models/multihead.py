@@ -88,9 +88,12 @@ def validate_weights(weights, objectives: list[str]) -> list[float]:
         raise ValueError(f"weights must be finite, got {w}")
     if any(x < 0 for x in w):
         raise ValueError(f"weights must be non-negative, got {w}")
-    if sum(w) <= 0:
+    total = sum(w)
+    if total <= 0:
         raise ValueError("weights must not all be zero")
-    return [x / sum(w) for x in w]
+    if total == float("inf"):  # each finite, their sum not: x / inf would be 0 for all, silently
+        raise ValueError(f"weights sum beyond the float range ({w}); scale them down")
+    return [x / total for x in w]
 
 
 class _HeadProjection(torch.autograd.Function):

@@ -175,18 +175,19 @@ class VectorPRM(nn.Module):
     def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from pipeline.models.checkpoint import save_pretrained
+
         sd = state_dict if state_dict is not None else self.state_dict()
         backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        self.backbone.save_pretrained(out, state_dict=backbone_sd)
-        save_file({k[len("head."):]: v.contiguous() for k, v in sd.items() if k.startswith("head.")},
-                  str(out / "prm_head.safetensors"))
-        (out / "prm_config.json").write_text(json.dumps(
-            {"objectives": self.objectives, "label_kinds": self.label_kinds, "separator": self.separator}, indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        return out
+
+        def head_and_config(tmp: Path) -> None:
+            save_file({k[len("head."):]: v.contiguous() for k, v in sd.items() if k.startswith("head.")},
+                      str(tmp / "prm_head.safetensors"))
+            (tmp / "prm_config.json").write_text(json.dumps(
+                {"objectives": self.objectives, "label_kinds": self.label_kinds, "separator": self.separator}, indent=1))
+
+        # atomically (a temporary directory renamed into place): a killed save leaves the old PRM or none
+        return save_pretrained(self.backbone, tokenizer, out_dir, state_dict=backbone_sd, extra=head_and_config)
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> tuple["VectorPRM", object]:

@@ -18,6 +18,7 @@ from pipeline import progress
 from pipeline.config import RolloutJobConfig
 from pipeline.data.hashing import stable_digest
 from pipeline.data.io import read_records
+from pipeline.data.records import InputError
 from pipeline.data.shards import ShardReport, pending, write_by_shard
 from pipeline.data.schemas import schema_for
 from pipeline.models.registry import resolve_model
@@ -44,14 +45,19 @@ def family_parts(task_name: str, engine=None):
     return task, objs, next(iter(objs.values())), users[0] if users else None, verifier
 
 
-def rollout_batch(engine, batch: pa.Table, *, n_samples: int, sampling: dict, policy: str) -> pa.Table:
+def rollout_batch(engine, batch: pa.Table, *, n_samples: int, sampling: dict, policy: str,
+                  progress_total: int = 0) -> pa.Table:
     rows = batch.to_pylist()
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
     out = []
     for task_name, probs in by_task.items():
-        if task_name in TASKS and any(needs_reference(o) for o in TASKS[task_name].objectives):
+        if task_name not in TASKS:
+            out += [{"_shard": p["_shard"], "_input": p["id"], "_error": f"problem {p['id']}: field 'task': unknown "
+                     f"task {task_name!r}; built-in tasks: {', '.join(TASKS)}"} for p in probs]
+            continue
+        if any(needs_reference(o) for o in TASKS[task_name].objectives):
             # a verifiable problem without its reference fails alone, not every problem of its batch
             out += [{"_shard": p["_shard"], "_input": p["id"], "_error": f"problem {p['id']}: field 'reference': missing, "
                      f"and {task_name}'s verifier checks answers against it"} for p in probs if not (p["reference"] or "").strip()]
@@ -61,7 +67,7 @@ def rollout_batch(engine, batch: pa.Table, *, n_samples: int, sampling: dict, po
             task, _, split_obj, user, verifier = family_parts(task_name, engine)
             eps = run_episodes(task, probs, engine, user=user, n=n_samples, **sampling)
             outcomes = verifier.score_batch(eps) if verifier else [None] * len(eps)
-        except Exception as e:  # counted and reported by the driver, never dropped silently
+        except InputError as e:  # a declared input error: quarantined and counted; anything else stops the job
             out += [{"_shard": p["_shard"], "_input": p["id"], "_error": f"{type(e).__name__}: {e}"} for p in probs]
             continue
         shard_of = {p["id"]: p["_shard"] for p in probs}
@@ -74,6 +80,8 @@ def rollout_batch(engine, batch: pa.Table, *, n_samples: int, sampling: dict, po
             out.append({"id": f"{e['problem_id']}-s{e['sample']}", "problem_id": e["problem_id"], "prompt": e["prompt"],
                         "steps": steps or [""], "final": final, "outcome": z, "policy": policy, "turns": turns,
                         "_shard": shard_of[e["problem_id"]], "_input": e["problem_id"], "_error": None})
+    if progress_total:  # from the engine actor, per batch: the driver sees whole shards only at their end
+        progress.advance("problems rolled out", batch.num_rows, progress_total)
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
 
@@ -110,10 +118,9 @@ def run_rollout(cfg: RolloutJobConfig) -> ShardReport:
     expected = dict(Counter(table.column("_shard").to_pylist()))
     sampling = cfg.sampling.model_dump()
     ds = map_with_engine(ray.data.from_arrow(table), cfg.engine, model_dir, rollout_batch, n_samples=cfg.n_samples,
-                         sampling=sampling, policy=cfg.policy_name or model_dir)
+                         sampling=sampling, policy=cfg.policy_name or model_dir, progress_total=sum(expected.values()))
     with tqdm(total=len(todo), desc="rollout shards", mininterval=5) as bar:
-        batches = progress.tracked(ds.iter_batches(batch_size=None, batch_format="pyarrow"), "problems rolled out",
-                                   sum(expected.values()), count=lambda b: len(set(b.column("_input").to_pylist())))
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
         report = write_by_shard(batches, expected, {s: out_paths[s] for s in todo}, "trajectory", progress=bar)
     report.shards_skipped = done
     if report.failed_inputs:

@@ -14,23 +14,28 @@ Two extra request fields (pass them through `extra_body` with the openai client)
 Requests with different weights share one batch (`serve.batch`; each row has its own
 mix). A preset (a fixed weight vector) is a merged single-head checkpoint served by
 its own deployment through the rollout engine (vLLM), selected by passing its name as
-`model`. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+`model`. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}, unknown routes,
+wrong methods and the overload 503 (with Retry-After) included; bad input is a 4xx, never a 5xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import GuidanceDefaults, ServeConfig
 from pipeline.decoding.mixing import eos_ids
@@ -40,17 +45,185 @@ app = FastAPI(title="mahalo steerable endpoint")
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
 
 
-def _error(status: int, message: str, param=None, kind="invalid_request_error", code=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+def _error(status: int, message: str, param=None, kind="invalid_request_error", code=None,
+           headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
 
 
-@app.exception_handler(APIError)
-async def _api_error(_, e: APIError):
-    return _error(e.status, e.message, e.param, e.kind, e.code)
+def install_error_handlers(api: FastAPI) -> FastAPI:
+    """OpenAI's error shape for our errors and for those FastAPI / Starlette raise themselves
+    (unknown route 404, wrong method 405 with its Allow header, request validation)."""
+
+    @api.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return _error(e.status, e.message, e.param, e.kind, e.code, e.headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, f"{e.detail} ({request.method} {request.url.path})",
+                      kind="server_error" if e.status_code >= 500 else "invalid_request_error", headers=e.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        first = (e.errors() or [{"loc": [], "msg": str(e)}])[0]
+        param = ".".join(str(x) for x in first.get("loc", []) if x != "body") or None
+        return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+
+    return api
+
+
+install_error_handlers(app)
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+
+
+class Admission:
+    """Admission control in the replica: at most `limit` requests in flight (decoding, or waiting
+    for a batch); one more is refused at once with an OpenAI-shaped 503 and Retry-After, so
+    overload never queues without bound and never reaches Serve's plain-text 503."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.retry_after_s, self.n = limit, retry_after_s, 0
+        self._lock = threading.Lock()  # streams end in Starlette's threads
+
+    def enter(self) -> "_Ticket":
+        with self._lock:
+            if self.n >= self.limit:
+                raise APIError(503, f"the server is at its limit of {self.limit} requests in flight per replica; "
+                               f"retry after {self.retry_after_s} s", kind="server_error", code="overloaded",
+                               headers={"Retry-After": str(self.retry_after_s)})
+            self.n += 1
+        return _Ticket(self)
+
+    def _leave(self):
+        with self._lock:
+            self.n -= 1
+
+
+class _Ticket:
+    """One admitted request; released once, when its answer is done (a stream: at its end, or when
+    it is dropped unread)."""
+
+    def __init__(self, admission: Admission):
+        self._adm: Admission | None = admission
+
+    def release(self):
+        adm, self._adm = self._adm, None
+        if adm is not None:
+            adm._leave()
+
+    __del__ = release
+
+
+def _surrogate_path(data) -> str | None:
+    """The first string (value or key) holding a lone surrogate (JSON "\\ud800" escapes decode to one; it
+    is not Unicode, and the tokenizer fails on it), as a dotted path; None when there is none.
+    Iterative: the body may be nested as deep as the JSON parser allows."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, str):
+            if not _is_unicode(x):
+                return ".".join(str(p) for p in path) or "body"
+        elif isinstance(x, dict):
+            for k in reversed(list(x)):
+                if not _is_unicode(k):
+                    return ".".join(str(p) for p in path + (k.encode("utf-8", "backslashreplace").decode(),))
+                stack.append((path + (k,), x[k]))
+        elif isinstance(x, list):
+            stack.extend((path + (i,), v) for i, v in reversed(list(enumerate(x))))
+    return None
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def parse_request(body: bytes, cls, max_body_bytes: int):
+    """A request body as `cls`; every malformed body is a 4xx naming what is wrong (never a 500):
+    over the size limit, not UTF-8, not JSON, nested too deep, lone surrogates, schema errors."""
+    if len(body) > max_body_bytes:
+        raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {max_body_bytes}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"body is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "body is not valid JSON: nested too deeply") from None
+    bad = _surrogate_path(data)
+    if bad is not None:
+        raise APIError(400, f"{bad}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not valid Unicode",
+                       bad)
+    try:
+        return cls.model_validate(data)
+    except Exception as e:  # pydantic.ValidationError
+        errs = getattr(e, "errors", lambda: [])()
+        first = errs[0] if errs else {"loc": [], "msg": str(e)}
+        param = ".".join(str(x) for x in first.get("loc", [])) or None
+        raise APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param) from None
+
+
+def key_matches(header: str | None, key: str) -> bool:
+    """The Authorization header against `Bearer <key>`, in constant time (no timing oracle on the key)."""
+    return hmac.compare_digest((header or "").encode("utf-8", "surrogateescape"), f"Bearer {key}".encode("utf-8"))
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class TextStream:
+    """The text of a token stream as pieces safe to send: holds back an unfinished multi-byte
+    character (decoded as U+FFFD) and the last len(longest stop) - 1 characters (a stop string
+    split across tokens is never sent), and cuts the text before the first stop string."""
+
+    def __init__(self, decode, stops: list[str]):
+        self.decode, self.stops = decode, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        cut = first_stop(text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
+        if text.endswith("\ufffd"):  # wait for the character's other bytes
+            return ""
+        return self._emit(text[:len(text) - self.hold])
+
+    def finish(self) -> str:
+        """The rest, once decoding has ended (an unfinished character included: it is the answer's end)."""
+        text = self.decode(self.ids)
+        cut = first_stop(text, self.stops)
+        if cut is not None:
+            self.stopped, text = True, text[:cut]
+        return self._emit(text)
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[len(self.sent):]
+        if piece:
+            self.sent = upto
+        return piece
 
 
 class Guidance(BaseModel):
@@ -66,19 +239,60 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        """OpenAI's list form [{"type": "text", "text": ...}, ...]: the texts joined by newlines
+        (as vLLM does); any other part type is refused, by its index."""
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} ({kind!r}) is not a text part {{'type': 'text', 'text': str}}; "
+                                 "this model takes text only")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "n": 1, "stream": False}
+
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs, ...)
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    seed: int | None = None
-    stream: bool = False
+    # null means the default, as OpenAI takes it (filled in by _defaults)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=1)
+    # a JSON integer (no true -> 1) in torch's range: beyond it manual_seed raises
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, strict=True)
+    stream: bool | None = None
+    stop: str | list[str] | None = None  # up to 4; the answer is cut before the first
     objective_weights: dict[str, float] | None = None
     guidance: Guidance | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        for k, v in _DEFAULTS.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.stop is None:  # not given (a given null is [] already)
+            self.stop = []
+        return self
 
 
 class ChatRequest(_Common):
@@ -86,7 +300,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: str = Field(min_length=1)  # an empty prompt has no position to decode from
 
 
 def check_weights(weights: dict[str, float] | None, objectives: list[str]) -> list[float]:
@@ -160,6 +374,7 @@ class SteerableLM:
             self.api_key = os.environ.get(self.cfg.api_key_env)
             if not self.api_key:
                 raise RuntimeError(f"api_key_env={self.cfg.api_key_env!r} is set but that environment variable is empty")
+        self.admission = Admission(self.cfg.max_ongoing_requests, self.cfg.retry_after_s)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         # the last batches' sizes and distinct weight vectors, shown by /health (batching is observable)
@@ -168,25 +383,38 @@ class SteerableLM:
     # --- plumbing --------------------------------------------------------------------------
     async def _parse(self, request: Request, cls):
         self._check_auth(request)
-        body = await request.body()
-        if len(body) > self.cfg.max_body_bytes:
-            raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {self.cfg.max_body_bytes}")
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError as e:
-            raise APIError(400, f"body is not valid JSON: {e}") from None
-        try:
-            return cls.model_validate(data)
-        except Exception as e:  # pydantic.ValidationError
-            errs = getattr(e, "errors", lambda: [])()
-            first = errs[0] if errs else {"loc": [], "msg": str(e)}
-            param = ".".join(str(x) for x in first.get("loc", [])) or None
-            raise APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param) from None
+        return parse_request(await request.body(), cls, self.cfg.max_body_bytes)
 
     def _check_auth(self, request: Request):
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        if self.api_key is not None and not key_matches(request.headers.get("authorization"), self.api_key):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
                            code="invalid_api_key")
+
+    async def _admitted(self, answer):
+        """Runs `answer` (a coroutine) as one admitted request; a stream holds its admission until it ends."""
+        try:
+            ticket = self.admission.enter()
+        except APIError:
+            answer.close()  # never started: no "never awaited" warning
+            raise
+        try:
+            resp = await answer
+        except BaseException:
+            ticket.release()
+            raise
+        if not isinstance(resp, StreamingResponse):
+            ticket.release()
+            return resp
+
+        async def held(body):
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                ticket.release()
+
+        resp.body_iterator = held(resp.body_iterator)
+        return resp
 
     def _max_new(self, req: _Common) -> int:
         max_new = req.max_completion_tokens or req.max_tokens or min(256, self.cfg.max_tokens_limit)
@@ -219,12 +447,14 @@ class SteerableLM:
         out: list[Any] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            groups.setdefault((j["temperature"], j["top_p"], j["seed"]), []).append(i)
-        for (temp, top_p, seed), idx in groups.items():
+            groups.setdefault((j["temperature"], j["top_p"]), []).append(i)
+        for (temp, top_p), idx in groups.items():
+            # each row its own generator (seeds): a request's sample does not depend on its batch
             res = generate(self.policy, [jobs[i]["prompt_ids"] for i in idx],
                            torch.tensor([jobs[i]["weights"] for i in idx]),
                            max_new_tokens=[jobs[i]["max_new"] for i in idx], eos_ids=self.eos,
-                           pad_id=self.tok.pad_token_id, temperature=temp, top_p=top_p, seed=seed)
+                           pad_id=self.tok.pad_token_id, temperature=temp, top_p=top_p,
+                           seeds=[jobs[i]["seed"] for i in idx])
             for i, r in zip(idx, res):
                 out[i] = r
         return out
@@ -250,6 +480,8 @@ class SteerableLM:
 
     async def _complete(self, req: _Common, messages: list[dict] | None, prompt_text: str, chat: bool):
         prompt_ids = self.tok(prompt_text, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty after tokenization", "messages" if chat else "prompt")
         if req.model in self.presets:
             return await self._preset(req, prompt_text, prompt_ids, chat)
         if req.model != self.cfg.model_name:
@@ -270,6 +502,9 @@ class SteerableLM:
                                        "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed})
             finish = "length" if len(ids) >= plan["max_new"] else "stop"
         text = self.tok.decode(ids, skip_special_tokens=True)
+        cut = first_stop(text, req.stop)
+        if cut is not None:  # usage still counts every token generated
+            text, finish = text[:cut], "stop"
         if req.stream:  # guided: the whole answer as one chunk (the search picks whole steps)
             return StreamingResponse(self._one_chunk(rid, req.model, text, finish, chat, extra),
                                      media_type="text/event-stream")
@@ -284,10 +519,14 @@ class SteerableLM:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         n_out = len(self.tok(text, add_special_tokens=False)["input_ids"])
         extra = {"objective_weights": self.cfg.presets[req.model]}
+        finish = "length" if n_out >= max_new else "stop"
+        cut = first_stop(text, req.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
         if req.stream:
-            return StreamingResponse(self._one_chunk(rid, req.model, text, "stop", chat, extra), media_type="text/event-stream")
-        return self._response(rid, req.model, text, "length" if n_out >= max_new else "stop", len(prompt_ids), n_out,
-                              chat, extra)
+            return StreamingResponse(self._one_chunk(rid, req.model, text, finish, chat, extra),
+                                     media_type="text/event-stream")
+        return self._response(rid, req.model, text, finish, len(prompt_ids), n_out, chat, extra)
 
     def _response(self, rid, model, text, finish, n_prompt, n_out, chat, extra) -> dict:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
@@ -320,24 +559,29 @@ class SteerableLM:
 
         if chat:
             yield self._chunk(rid, req.model, None, None, chat).replace('"delta": {}', '"delta": {"role": "assistant"}')
-        ids: list[int] = []
-        sent = ""
+        text = TextStream(lambda ids: self.tok.decode(ids, skip_special_tokens=True), req.stop)
         finish = "length"
+        # seeds=[seed]: the same draws as this request would get in a batch (one generator per row)
         for step in stream_tokens(self.policy, [prompt_ids], torch.tensor([plan["weights"]]), max_new_tokens=plan["max_new"],
                                   eos_ids=self.eos, pad_id=self.tok.pad_token_id, temperature=req.temperature,
-                                  top_p=req.top_p, seed=req.seed):
+                                  top_p=req.top_p, seeds=[req.seed]):
             x = step[0]
             if x is None:
                 break
             if x in self.eos:
                 finish = "stop"
                 break
-            ids.append(x)
-            text = self.tok.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(sent):  # wait for whole characters
-                yield self._chunk(rid, req.model, text[len(sent):], None, chat, extra if not sent else None)
-                sent = text
-        yield self._chunk(rid, req.model, None, finish, chat)
+            piece = text.push(x)
+            if piece:
+                yield self._chunk(rid, req.model, piece, None, chat, extra)
+                extra = None  # the weights ride on the first content chunk
+            if text.stopped:
+                break
+        # the held-back tail: a character cut by the end of decoding, text that was not a stop after all
+        piece = "" if text.stopped else text.finish()
+        if piece:
+            yield self._chunk(rid, req.model, piece, None, chat, extra)
+        yield self._chunk(rid, req.model, None, "stop" if text.stopped else finish, chat)
         yield "data: [DONE]\n\n"
 
     # --- routes ----------------------------------------------------------------------------
@@ -360,12 +604,12 @@ class SteerableLM:
         req = await self._parse(request, ChatRequest)
         messages = [m.model_dump() for m in req.messages]
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return await self._complete(req, messages, text, chat=True)
+        return await self._admitted(self._complete(req, messages, text, chat=True))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         req = await self._parse(request, CompletionRequest)
-        return await self._complete(req, None, req.prompt, chat=False)
+        return await self._admitted(self._complete(req, None, req.prompt, chat=False))
 
 
 def build_app(cfg: ServeConfig):
@@ -401,7 +645,9 @@ def build_app(cfg: ServeConfig):
         if not key:
             raise ValueError(f"api_key_env={cfg.api_key_env!r}: set that environment variable to the API key")
         actor["runtime_env"] = {"env_vars": {cfg.api_key_env: key}}
+    # Serve's cap far above the replica's admission limit (Admission): overload gets the replica's
+    # OpenAI-shaped 503 with Retry-After, not Serve's plain-text one
     return SteerableLM.options(
-        num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+        num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.serve_max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests, ray_actor_options=actor,
     ).bind(cfg.model_dump(), presets)

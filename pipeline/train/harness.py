@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -267,6 +268,13 @@ def _train_loop(config: dict) -> None:
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     ckpt = ray.train.get_checkpoint()
+    run_dir = None if "://" in config["storage"] else Path(config["storage"], config["run_name"])
+    late = newest_reported_checkpoint(run_dir) if run_dir else None
+    if late is not None and (ckpt is None or _ckpt_step(late) > _ckpt_step(ckpt.path)):
+        if rank == 0:  # written and uploaded by every rank, but the controller had not registered it yet
+            _say(f"[train] {late} is newer than Ray Train's last registered checkpoint "
+                 f"({ckpt.path if ckpt else 'none'}): resuming from it")
+        ckpt = ray.train.Checkpoint.from_directory(str(late))
     if ckpt:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / "trainer_state.json").read_text())
@@ -281,7 +289,12 @@ def _train_loop(config: dict) -> None:
             _say(f"[train] resumed from {ckpt.path} at step {state['step']}")
 
     log_dir = config["log_dir"]
-    tracker = Tracker(cfg.tracker, config["run_name"], os.path.join(log_dir, "tb"), spec.params) if rank == 0 else None
+    if rank == 0:  # steps after the checkpoint are redone: their earlier lines go, so every step is logged once
+        dropped = truncate_metrics(os.path.join(log_dir, "metrics.jsonl"), state["step"])
+        if dropped:
+            _say(f"[train] {dropped} metric line(s) after step {state['step']} removed: those steps are redone")
+    tracker = Tracker(cfg.tracker, config["run_name"], os.path.join(log_dir, "tb"), spec.params,
+                      resume_step=state["step"]) if rank == 0 else None
     metrics_file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if rank == 0 else None
     # A live bar only on a terminal; in logs (CI, `ray job logs`) the per-step lines are the progress.
     bar = tqdm(total=total_steps, desc=config["run_name"], position=0) if rank == 0 and config["progress_bar"] else None
@@ -327,6 +340,10 @@ def _train_loop(config: dict) -> None:
                                 "identity": _identity(spec)}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint-{step:07d}")
+        if run_dir is not None and (run_dir / f"checkpoint-{step:07d}").is_dir():
+            # report() returns once this rank's files are uploaded (SYNC): say so, for a resume that
+            # starts before the controller registers the checkpoint (it polls every ~2 s)
+            (run_dir / f"checkpoint-{step:07d}" / f"{REPORTED}{rank}").write_text(str(world))
 
     done = step >= total_steps
     epoch = state["epoch"]
@@ -421,6 +438,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
         train_loop_config={
             "spec": spec, "train": cfg.model_dump(), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "run_name": run_name, "log_dir": str(Path(log_dir).resolve()), "has_eval": "eval" in datasets,
+            "storage": storage,
             "export_dir": str(Path(export_dir).resolve()) if export_dir else None,
             "progress_bar": sys.stderr.isatty(), "launch_time": time.time(),
         },
@@ -444,6 +462,43 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
     metrics = json.loads(final.read_text()) if final.exists() else (result.metrics or {})
     return FitResult(step=metrics.get("step", total_steps), metrics=metrics,
                      checkpoint=ckpt.path if ckpt else None, export_dir=export_dir, log_dir=log_dir)
+
+
+REPORTED = ".reported-rank"  # + rank: that rank's checkpoint files are fully uploaded
+
+
+def _ckpt_step(path) -> int:
+    """The step in a checkpoint directory's name (checkpoint-0000012), -1 for any other name."""
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(str(path)).name)
+    return int(m.group(1)) if m else -1
+
+
+def newest_reported_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint-* under a local run directory that every rank of the run that wrote it has
+    marked uploaded (its markers hold the world size), or None."""
+    dirs = [d for d in run_dir.glob("checkpoint-*") if _ckpt_step(d) >= 0] if run_dir.is_dir() else []
+    for d in sorted(dirs, key=_ckpt_step, reverse=True):
+        marks = list(d.glob(REPORTED + "*"))
+        if marks and (d / "trainer_state.json").exists():
+            world = int(marks[0].read_text() or 0)
+            if all((d / f"{REPORTED}{r}").exists() for r in range(world)):
+                return d
+    return None
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Drop the lines of steps after `step` (a resume redoes them; a checkpoint written just before a failure
+    may not be the one Ray Train resumes from), atomically; -> the number dropped."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    lines = p.read_text().splitlines()
+    keep = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = p.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, p)
+    return len(lines) - len(keep)
 
 
 def read_metrics(log_dir: str) -> list[dict]:

@@ -271,6 +271,21 @@ def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]],
             for i, o in enumerate(objectives)]
 
 
+def balance_report(by_obj: dict[str, list[dict]], objectives: list[str], held: list[dict], out_dir: Path) -> dict:
+    """What the balanced cut keeps and discards per objective (every objective is cut to the smallest),
+    logged and written to out_dir/pairs_used.json, so a cut is never silent."""
+    n = min(len(by_obj[o]) for o in objectives)
+    report = {"held_out": len(held), "per_objective": {o: {"pairs": len(by_obj[o]), "used": n if o in objectives else 0,
+                                                          "discarded": len(by_obj[o]) - (n if o in objectives else 0)}
+                                                      for o in by_obj}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pairs_used.json").write_text(json.dumps(report, indent=1))
+    if dropped := {o: v["discarded"] for o, v in report["per_objective"].items() if v["discarded"]}:
+        log.warning("fit_policy: the balanced cut keeps %d training pairs per objective and discards %s (%d in all); "
+                    "see %s", n, dropped, sum(dropped.values()), out_dir / "pairs_used.json")
+    return report
+
+
 def refuse_long_pairs(rows: list[dict], model_dir: str, dpo, out_dir: Path) -> list[dict]:
     """The pairs encode_pair can tokenise; refused ones (the prompt's last user turn alone exceeds
     max_prompt_length) are counted, logged and reported in out_dir/tokenization.json."""
@@ -338,6 +353,8 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         return ray.data.from_arrow(t).map_batches(tokenize_groups, fn_kwargs=tok_kw, batch_format="pyarrow")
 
     runs = plan_runs(cfg.method, objectives, by_obj, held, dpo.seed, cfg.soup_together, modpo_weights)
+    balance_report(by_obj, [o for o in objectives if cfg.method != "modpo" or modpo_weights.get(o, 0) > 0], held,
+                   Path(cfg.output_dir))
     together = cfg.method == "soup" and cfg.soup_together
     results = {}
     out = Path(cfg.output_dir)

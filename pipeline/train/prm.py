@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import json
+from pathlib import Path
 import math
 import random
 
@@ -33,10 +34,15 @@ from pipeline.train.harness import FitResult, TrainSpec
 log = logging.getLogger(__name__)
 
 
-def merge_stepwise(rows: list[dict], objectives: list[str]) -> list[dict]:
-    """One example per (prompt, steps), with labels [steps][objectives] (None where missing)."""
+def merge_stepwise(rows: list[dict], objectives: list[str], stats: dict | None = None) -> list[dict]:
+    """One example per (prompt, steps), with labels [steps][objectives] (None where missing).
+
+    Two rows of one objective for the same (prompt, steps) (two trajectories sampled alike) are
+    duplicates: their labels are averaged per step (more rollouts of the same prefixes), and
+    counted in `stats["duplicate_rows"]`."""
     index = {o: j for j, o in enumerate(objectives)}
     out: dict[str, dict] = {}
+    seen: dict[tuple[str, int], int] = {}
     for r in rows:
         if r["objective"] not in index:
             raise ValueError(f"row {r['id']}: objective {r['objective']!r} is not one of the PRM's {objectives}")
@@ -44,8 +50,19 @@ def merge_stepwise(rows: list[dict], objectives: list[str]) -> list[dict]:
         ex = out.setdefault(key, {"prompt": r["prompt"], "completions": r["completions"],
                                   "labels": [[None] * len(objectives) for _ in r["completions"]],
                                   "prompt_key": json.dumps(r["prompt"])})
+        j = index[r["objective"]]
+        seen[key, j] = seen.get((key, j), 0) + 1
+        counts = ex.setdefault("_n", {})
         for t, x in enumerate(r["labels"]):
-            ex["labels"][t][index[r["objective"]]] = x
+            if x is None:
+                continue
+            n = counts[t, j] = counts.get((t, j), 0) + 1  # a running mean over the rows that label step t
+            old = ex["labels"][t][j]
+            ex["labels"][t][j] = x if n == 1 else old + (x - old) / n
+    for ex in out.values():
+        ex.pop("_n", None)
+    if stats is not None:
+        stats["duplicate_rows"] = sum(n - 1 for n in seen.values())
     return list(out.values())
 
 
@@ -129,6 +146,8 @@ def tokenize_prm(batch: pa.Table, model_dir: str, separator: str, max_length: in
             "positions": pa.array([e["positions"] for e in enc], pa.list_(pa.int32())),
             "labels": pa.array([flat(e) for e in enc], pa.list_(pa.float32())),
             "prompt_hash": hashes,
+            "n_steps": pa.array([e["n_steps"] for e in enc], pa.int32()),
+            "cut_steps": pa.array([e["n_steps"] - len(e["positions"]) for e in enc], pa.int32()),
         })
     enc = [[encode_steps(tok, r["prompt"], x["completions"], sep, max_length, x["labels"]) for x in r["responses"]]
            for r in rows]
@@ -139,6 +158,8 @@ def tokenize_prm(batch: pa.Table, model_dir: str, separator: str, max_length: in
         "labels": pa.array([[flat(e) for e in g] for g in enc], nested(pa.float32())),
         "prompt_hash": hashes,
         "n_responses": pa.array([len(g) for g in enc], pa.int32()),
+        "n_steps": pa.array([sum(e["n_steps"] for e in g) for g in enc], pa.int32()),
+        "cut_steps": pa.array([sum(e["n_steps"] - len(e["positions"]) for e in g) for g in enc], pa.int32()),
     })
 
 
@@ -273,22 +294,33 @@ def run_fit_prm(cfg) -> FitResult:
         if kind != "outcome" and (pos < 5 or len(vals) - pos < 5):
             log.warning("fit_prm: objective %r has %d labels >= 0.5 and %d below: too one-sided to learn a ranking; "
                         "label more (or stronger) trajectories", o, pos, len(vals) - pos)
-    examples = merge_stepwise(rows, objectives)
+    stats: dict = {}
+    examples = merge_stepwise(rows, objectives, stats)
+    if stats["duplicate_rows"]:
+        log.warning("fit_prm: %d stepwise rows repeat an (objective, prompt, steps) of another row: their labels "
+                    "are averaged into one example", stats["duplicate_rows"])
     from pipeline.data.split import held_out
 
-    train = [e for e in examples if not held_out(e["prompt_key"], cfg.data.eval_fraction)]
-    evals = [e for e in examples if held_out(e["prompt_key"], cfg.data.eval_fraction)]
+    train = [e for e in examples if not held_out(e["prompt"], cfg.data.eval_fraction)]
+    evals = [e for e in examples if held_out(e["prompt"], cfg.data.eval_fraction)]
     train_rows, eval_rows = group_examples(train, kinds), group_examples(evals, kinds)
     pair_counts = check_outcome_pairs(train_rows, objectives, kinds)
     if len(train_rows) < len(train):
         log.info("fit_prm: %d responses in %d training rows (outcome responses grouped by prompt, up to %d per row)",
                  len(train), len(train_rows), max(len(g["responses"]) for g in train_rows))
     tok_kw = {"model_dir": model_dir, "separator": cfg.separator, "max_length": cfg.max_length}
-    datasets = {"train": ray.data.from_arrow(pa.Table.from_pylist(train_rows)).map_batches(
-        tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")}
-    if eval_rows:
-        datasets["eval"] = ray.data.from_arrow(pa.Table.from_pylist(eval_rows)).map_batches(
-            tokenize_prm, fn_kwargs=tok_kw, batch_format="pyarrow")
+    datasets = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
+    for k, v in datasets.items():  # tokenised once; steps cut by max_length counted, never silent
+        ds = ray.data.from_arrow(pa.Table.from_pylist(v)).map_batches(tokenize_prm, fn_kwargs=tok_kw,
+                                                                       batch_format="pyarrow").materialize()
+        stats[k] = {"rows": len(v), "steps": int(ds.sum("n_steps") or 0), "steps_cut": int(ds.sum("cut_steps") or 0)}
+        datasets[k] = ds.drop_columns(["n_steps", "cut_steps"])
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_dir, "tokenization.json").write_text(json.dumps(stats, indent=1))
+    if cut := sum(stats[k]["steps_cut"] for k in ("train", "eval") if k in stats):
+        log.warning("fit_prm: max_length %d cuts %d of %d labelled steps (dropped with their labels); see %s",
+                    cfg.max_length, cut, sum(stats[k]["steps"] for k in ("train", "eval") if k in stats),
+                    Path(cfg.output_dir, "tokenization.json"))
     weights = [loss_weights.get(o, 1.0) for o in objectives]
     head = initial_head(cfg, model_dir, objectives, kinds, train, evals)
     spec = build_spec(model_dir, objectives, kinds, weights, cfg.separator, head, padding_free=cfg.padding_free)
@@ -297,6 +329,8 @@ def run_fit_prm(cfg) -> FitResult:
     result = fit(spec, cfg.train, datasets, run_name=cfg.run_name, num_train_rows=len(train_rows), log_dir=f"{out}/logs",
                  export_dir=f"{out}/model")
     result.metrics.update({f"outcome_pairs/{o}": n for o, n in pair_counts.items()})
+    result.metrics.update({"duplicate_rows": stats["duplicate_rows"],
+                           **{f"steps_cut/{k}": stats[k]["steps_cut"] for k in ("train", "eval") if k in stats}})
     if head and head.get("metrics"):  # the probe alone, beside what fine-tuning made of it
         result.metrics.update(head["metrics"])
     return result

@@ -119,6 +119,26 @@ def export_hf(module, state_dict: dict, out_dir: str, tokenizer_dir: str) -> Non
     save_pretrained(module, load_tokenizer(tokenizer_dir), out_dir, state_dict=state_dict)
 
 
+def _split_part(batch: pa.Table, fraction: float, held: bool) -> pa.Table:
+    from pipeline.data.split import held_out
+
+    return batch.filter(pa.array([held_out(p, fraction) == held for p in batch.column("prompt").to_pylist()], pa.bool_()))
+
+
+def split_by_dialogue(records, fraction: float) -> dict:
+    """{"train", "eval"} by prompt (pipeline.data.split): the turns of one dialogue all land on one side.
+    No held-out row at all (a small set) is said, and the fit runs without evaluation."""
+    part = lambda held: records.map_batches(_split_part, fn_kwargs={"fraction": fraction, "held": held},  # noqa: E731
+                                            batch_format="pyarrow").materialize()
+    train, held = part(False), part(True)
+    n_held = held.count()
+    log.info("SFT: held-out split by dialogue: %d rows held out, %d to train on", n_held, train.count())
+    if not n_held:
+        log.warning("SFT: data.eval_fraction %g holds out no dialogue of this data: no held-out loss", fraction)
+        return {"train": train}
+    return {"train": train, "eval": held}
+
+
 def build_spec(model_dir: str, bf16: bool, params: dict | None = None, padding_free: bool = False) -> TrainSpec:
     """padding_free: each micro-batch packed into one row (PackCollate), else right-padded."""
     return TrainSpec(
@@ -139,10 +159,10 @@ def run_sft(cfg: SFTJobConfig) -> FitResult:
     qdir = cfg.data.quarantine_dir or str(out / "quarantine")
     records = read_dataset(cfg.data.paths, "sft", defaults=cfg.data.defaults, skip_bad_rows=cfg.data.skip_bad_rows,
                            quarantine_dir=qdir, split=cfg.data.split).materialize()
-    datasets = {"train": records}
+    # shuffled once here (the harness shuffles only within a small buffer): the files may be ordered by family
+    datasets = {"train": records.random_shuffle(seed=cfg.train.seed).materialize()}
     if cfg.data.eval_fraction > 0:
-        train, held = records.train_test_split(test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed)
-        datasets = {"train": train, "eval": held}
+        datasets = split_by_dialogue(datasets["train"], cfg.data.eval_fraction)
     n_bad = quarantine_count(qdir)
     if n_bad:
         log.warning("%d bad SFT rows quarantined in %s", n_bad, qdir)

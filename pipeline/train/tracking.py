@@ -21,13 +21,15 @@ def check_tracker(cfg: TrackerConfig) -> None:
 
 
 class Tracker:
-    def __init__(self, cfg: TrackerConfig, run_name: str, log_dir: str, params: dict):
+    def __init__(self, cfg: TrackerConfig, run_name: str, log_dir: str, params: dict, resume_step: int = 0):
         self.kind, self._impl = cfg.kind, None
         if cfg.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self._impl = SummaryWriter(log_dir=log_dir)
+            # a resumed run redoes the steps after its checkpoint: TensorBoard drops their earlier events
+            # (MLflow and W&B keep both points of a redone step)
+            self._impl = SummaryWriter(log_dir=log_dir, purge_step=resume_step + 1 if resume_step else None)
         elif cfg.kind == "mlflow":
             from ray.air.integrations.mlflow import setup_mlflow
 
