@@ -114,8 +114,6 @@ def run_labeling(cfg: LabelJobConfig) -> ShardReport:
         raise ValueError("two trajectory shards share a file name; their label shards would collide")
     todo, done = pending(out_paths)
     log.info("label_steps: %d shards, %d already labelled, %d to do", len(shards), len(done), len(todo))
-    if not todo:
-        return ShardReport(shards_skipped=[str(out_paths[s]) for s in done])
     for s in [s for s in todo if is_empty(s)]:  # e.g. a rollout shard whose every problem failed
         log.warning("label_steps: %s holds no trajectories: its label shard is written empty", s)
         write_records([], todo.pop(s), "stepwise")

@@ -71,9 +71,8 @@ def install_error_handlers(api: FastAPI) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
-        first = (e.errors() or [{"loc": [], "msg": str(e)}])[0]
-        param = ".".join(str(x) for x in first.get("loc", []) if x != "body") or None
-        return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+        e = validation_error(e.errors(), str(e))
+        return _error(e.status, e.message, e.param)
 
     return api
 
@@ -171,10 +170,14 @@ def parse_request(body: bytes, cls, max_body_bytes: int):
     try:
         return cls.model_validate(data)
     except Exception as e:  # pydantic.ValidationError
-        errs = getattr(e, "errors", lambda: [])()
-        first = errs[0] if errs else {"loc": [], "msg": str(e)}
-        param = ".".join(str(x) for x in first.get("loc", [])) or None
-        raise APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param) from None
+        raise validation_error(getattr(e, "errors", lambda: [])(), str(e)) from None
+
+
+def validation_error(errors: list[dict], text: str) -> APIError:
+    """A 400 naming the first invalid field (its dotted path; FastAPI's leading "body" dropped)."""
+    first = errors[0] if errors else {"loc": [], "msg": text}
+    param = ".".join(str(x) for x in first.get("loc", []) if x != "body") or None
+    return APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
 
 
 def key_matches(header: str | None, key: str) -> bool:
