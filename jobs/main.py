@@ -177,9 +177,14 @@ def run_main(cfg: MainJobConfig) -> dict:
         out = run / f"policy_{method}"
         # MODPO fits one weight vector: equal weights, the point the findings compare MAH-DPO at
         weights = {o: 1.0 for o in pairs["per_objective"]} if method == "modpo" else {}
+        # single-head DPO pools the pairs of the families it is evaluated on (single_eval_tasks), as the
+        # paper's single-head baseline pools one domain's pairs; empty: every family's
+        objectives = (list(dict.fromkeys(objective_ids(shared, sz.single_eval_tasks).values()))
+                      if method == "single" and sz.single_eval_tasks else [])
         res = run_fit_policy(PolicyJobConfig(
             run_name=f"policy-{method}", output_dir=str(out), model=ModelConfig(name_or_path=sft_dir),
             data=DataConfig(paths=[str(run / "pairs")], eval_fraction=0.1), method=method, modpo_weights=weights,
+            objectives=objectives,
             soup_together=cfg.soup_together and method == "soup",
             dpo=cfg.dpo, train=cfg.policy_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
         used = json.loads((out / "pairs_used.json").read_text())
@@ -190,7 +195,8 @@ def run_main(cfg: MainJobConfig) -> dict:
     for m in ("mahdpo", *cfg.baselines):
         policies[m] = stages.run(f"fit_policy_{m}", lambda m=m: policy_stage(m),
                                  config={"dpo": cfg.dpo, "policy_train": cfg.policy_train,
-                                         **({"soup_together": True} if m == "soup" and cfg.soup_together else {})},
+                                         **({"soup_together": True} if m == "soup" and cfg.soup_together else {}),
+                                         **({"single_eval_tasks": sz.single_eval_tasks} if m == "single" else {})},
                                  inputs=["sft", "build_pairs"],
                                  outputs=[run / f"policy_{m}", *fits(f"policy-{m}*")])
         release(f"policy-{m}*")
@@ -282,7 +288,8 @@ def diagnosis(rows: list[dict], agreement: dict, policies: dict, pairs: dict) ->
         f"response in {tot['agree']}, is indifferent in {tot['tie']} and prefers the rejected one in "
         f"{tot['disagree']}: where it is indifferent, DPO learns the PRM's preference, not the objective.",
         f"- Training: {pairs.get('pairs', 0)} pairs; optimizer steps " + ", ".join(f"{m} {n}" for m, n in steps.items())
-        + " (1 epoch of the balanced cut).",
+        + " (balance: " + ", ".join(sorted({str((r.get("pairs_used") or {}).get("balance", "truncate"))
+                                              for res in policies.values() for r in res.values()})) + ").",
     ]
     se = [r["se"] for r in plain if r.get("se") is not None and not math.isnan(r["se"])]
     if se:
@@ -340,17 +347,21 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 
 def policies_section(policies: dict) -> str:
-    """Per fit: optimizer steps and the pairs it trained on after the balanced cut (what the cut discarded);
+    """Per fit: optimizer steps and the pairs it trained on after balancing (what a cut discarded, what
+    cycling repeated);
     then the held-out DPO metrics, one column per fit."""
     fits = [(f"{m}" + (f":{n}" if n not in (m, "") and len(res) > 1 else ""), r)
             for m, res in policies.items() for n, r in res.items()]
     rows = []
     for name, r in fits:
         per = (r.get("pairs_used") or {}).get("per_objective", {})
-        rows.append([name, r["steps"], sum(v["used"] for v in per.values()) if per else "-",
+        rows.append([name, r["steps"], (r.get("pairs_used") or {}).get("balance", "truncate"),
+                     sum(v["used"] for v in per.values()) if per else "-",
                      sum(v["discarded"] for v in per.values()) if per else "-",
+                     sum(v.get("repeated", 0) for v in per.values()) if per else "-",
                      (r.get("pairs_used") or {}).get("held_out", "-")])
-    out = md_table(["fit", "optimizer steps", "training pairs used", "discarded by the balanced cut", "held out"], rows)
+    out = md_table(["fit", "optimizer steps", "balance", "training pairs used", "discarded by the balance",
+                    "repeats per epoch (cycle)", "held out"], rows)
     keys = sorted({k for _, r in fits for k in r["metrics"]})
     if keys:
         out += "\n\nHeld-out DPO metrics:\n\n" + md_table(
@@ -374,6 +385,9 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
 
     m = sft["metrics"]
     found = findings(ev["rows"])
+
+    def by_verifier(key: str) -> bool:  # an agreement key ("task/name") paired by its own verifier / judge
+        return any(key in (e, f"{key.split('/', 1)[0]}/{e}") for e in cfg.sizes.score_with_objective)
     prm_m = {k[len("eval/"):]: round(v, 4) for k, v in prm["metrics"].items() if k.startswith("eval/")}
     sections = {
         # the verdicts first: what a reader came for
@@ -391,16 +405,18 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
                + "\n\nAll held-out metrics:\n\n" + md_table(["metric", "value"], sorted(prm_m.items())),
         "Pairs": md_table(["", "pairs"], [[k, v] for k, v in pairs.items() if k not in ("path", "per_objective")]
                           + [[f"pairs: {o}", n] for o, n in sorted(pairs.get("per_objective", {}).items())]) + "\n\n"
-                 "The PRM's pairs against the task's own verifier / judge (chosen scored higher, equal, lower):\n\n"
-                 "| task/objective | agree | tie | disagree |\n|---|---:|---:|---:|\n"
-                 + "\n".join(f"| {k} | {v.get('agree', 0)} | {v.get('tie', 0)} | {v.get('disagree', 0)} |"
-                             for k, v in agreement.items()),
+                 "The pairs against the task's own verifier / judge (chosen scored higher, equal, lower); an "
+                 "objective in `score_with_objective` was paired by that verifier itself, so it agrees by construction:\n\n"
+                 "| task/objective | paired by | agree | tie | disagree |\n|---|---|---:|---:|---:|\n"
+                 + "\n".join(f"| {k} | {'verifier / judge' if by_verifier(k) else 'PRM'} | {v.get('agree', 0)} | "
+                             f"{v.get('tie', 0)} | {v.get('disagree', 0)} |" for k, v in agreement.items()),
         "Policies": policies_section(policies),
         "Evaluation": table(ev["rows"]) + "\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]),
         "Steering examples": steering_examples(ev["responses"]) if ev.get("responses")
         else "not saved by this run's evaluation (an evaluation from before responses were saved)",
     }
-    sections["Why, from this run's data"] = diagnosis(ev["rows"], agreement, policies, pairs)
+    sections["Why, from this run's data"] = diagnosis(ev["rows"], {k: v for k, v in agreement.items() if not by_verifier(k)},
+                                                      policies, pairs)
     if served:
         sections["Serve check"] = "\n".join(f"- weights {a['objective_weights']}: {a['text']!r}" for a in served["answers"])
     return sections

@@ -292,6 +292,10 @@ class DPOConfig(Strict):
     # top layers' backward: the CPU main job's budget; docs/policy.md, "Training fewer layers")
     train_layers: int = Field(0, ge=0)
     seed: int = 0  # head noise, balanced truncation and shuffling
+    # How objectives with unequal pair counts are balanced (every group holds one pair per objective):
+    # truncate cuts each to the smallest (the paper's code), cycle repeats the smaller ones up to the largest
+    # (no pair discarded; pipeline.train.mahdpo.balanced_groups). The cut pairs are counted either way.
+    balance: Literal["truncate", "cycle"] = "truncate"
     loss_weights: dict[str, float] = Field(default_factory=dict)  # per objective (head), default 1
     # of the reference log-probs (cached by jobs.build_pairs or computed on the fly); bfloat16 matches
     # a policy trained in bf16 and runs ~2x faster on CPUs with bf16 units

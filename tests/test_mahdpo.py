@@ -246,6 +246,27 @@ def test_balanced_groups_hold_one_pair_per_objective():
     assert groups == balanced_groups(rows, ["a", "b"], seed=0)
 
 
+def test_cycle_balance_repeats_the_smaller_objectives_and_discards_nothing(tmp_path):
+    from pipeline.train.mahdpo import balance_report, balanced_groups
+
+    rows = {"a": [{"id": f"a{i}", "objective": "a"} for i in range(7)],
+            "b": [{"id": f"b{i}", "objective": "b"} for i in range(3)]}
+    groups = balanced_groups(rows, ["a", "b"], seed=0, balance="cycle")
+    assert len(groups) == 7 and all([r["objective"] for r in g] == ["a", "b"] for g in groups)
+    assert sorted(g[0]["id"] for g in groups) == sorted(r["id"] for r in rows["a"])  # every a pair once
+    b = [g[1]["id"] for g in groups]
+    assert set(b) == {"b0", "b1", "b2"} and sorted(b.count(x) for x in set(b)) == [2, 2, 3]  # spread evenly
+    assert len(set(b[:3])) == 3 and len(set(b[3:6])) == 3  # each pass holds every pair once
+    # the first pass is the truncating order (the paper's seed + dim): cycle extends it, never reorders
+    assert [g[1]["id"] for g in balanced_groups(rows, ["a", "b"], seed=0)] == b[:3]
+    rep = balance_report(rows, ["a", "b"], [], tmp_path, "cycle")
+    assert rep["groups_per_epoch"] == 7
+    assert rep["per_objective"]["b"] == {"pairs": 3, "used": 3, "discarded": 0, "repeated": 4}
+    assert rep["per_objective"]["a"] == {"pairs": 7, "used": 7, "discarded": 0, "repeated": 0}
+    cut = balance_report(rows, ["a", "b"], [], tmp_path, "truncate")
+    assert cut["per_objective"]["a"] == {"pairs": 7, "used": 3, "discarded": 4, "repeated": 0}
+
+
 def _pairs(n: int):
     out = []
     for i in range(n):

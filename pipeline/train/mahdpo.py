@@ -3,9 +3,13 @@
     L = sum_i a_i * mean_{pairs of objective i} DPO(pair; head i) / sum_i a_i
 
 Each pair trains only its own objective's head (and the shared backbone). Batches
-are balanced: every objective is cut to the size of the smallest (the paper's
-recipe) and each training row is a group of one pair per objective, so every
-micro-batch holds `micro_batch_size` pairs of every objective. Chosen and
+are balanced: each training row is a group of one pair per objective, so every
+micro-batch holds `micro_batch_size` pairs of every objective. `dpo.balance`
+says how objectives of unequal size are made equal: `truncate` cuts every one
+to the smallest (the paper's recipe: with thousands of pairs per objective it
+loses little), `cycle` repeats the smaller ones (reshuffled each pass) up to the
+largest, so no pair is discarded (the CPU main job: its smallest objective had 7
+pairs of 114). Chosen and
 rejected go through one forward pass; each example gets only its own head's
 logits. Reference log-probs come from the preference shards (jobs.build_pairs /
 jobs.ref_logps); where a row lacks them, the worker computes them with the SFT
@@ -48,13 +52,19 @@ def _tokenizer(model_dir: str):
     return load_tokenizer(model_dir)
 
 
-def balanced_groups(rows_by_objective: dict[str, list[dict]], objectives: list[str], seed: int) -> list[list[dict]]:
-    """Cut every objective to the smallest one (seeded shuffle), then group one pair of each."""
-    n = min(len(rows_by_objective[o]) for o in objectives)
+def balanced_groups(rows_by_objective: dict[str, list[dict]], objectives: list[str], seed: int,
+                    balance: str = "truncate") -> list[list[dict]]:
+    """Groups of one pair per objective. truncate: every objective cut to the smallest (seeded shuffle);
+    cycle: every objective filled up to the largest by repeating its pairs, each pass shuffled anew."""
+    sizes = [len(rows_by_objective[o]) for o in objectives]
+    n = min(sizes) if balance == "truncate" else max(sizes)
     cut = {}
     for i, o in enumerate(objectives):
-        rows = list(rows_by_objective[o])
-        random.Random(seed + i).shuffle(rows)
+        rows: list[dict] = []
+        for p in range(-(-n // max(len(rows_by_objective[o]), 1))):  # passes (one when truncating)
+            order = list(rows_by_objective[o])
+            random.Random(seed + i + 1000 * p).shuffle(order)  # pass 0 keeps the paper's seed + dim
+            rows += order
         cut[o] = rows[:n]
     return [[cut[o][g] for o in objectives] for g in range(n)]
 
@@ -248,13 +258,13 @@ def modpo_terms(rows: list[dict], weights: dict[str, float]) -> None:
 
 
 def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]], held: list[dict], seed: int,
-              soup_together: bool = False, modpo_weights: dict[str, float] | None = None):
+              soup_together: bool = False, modpo_weights: dict[str, float] | None = None, balance: str = "truncate"):
     """[(name, head names, training groups, objective -> head, eval rows)], one per run to fit."""
     index = {o: i for i, o in enumerate(objectives)}
     if method == "modpo":  # only the weighted objectives' pairs (the loss divides by w_k)
         objectives = [o for o in objectives if (modpo_weights or {}).get(o, 0) > 0]
         held = [r for r in held if r["objective"] in objectives]
-    cut = balanced_groups(by_obj, objectives, seed)
+    cut = balanced_groups(by_obj, objectives, seed, balance)
     if method == "mahdpo":
         return [("", objectives, cut, index, held)]
     if method in ("single", "modpo"):  # the same pairs, pooled into one head, as many per step as MAH-DPO's groups
@@ -271,18 +281,28 @@ def plan_runs(method: str, objectives: list[str], by_obj: dict[str, list[dict]],
             for i, o in enumerate(objectives)]
 
 
-def balance_report(by_obj: dict[str, list[dict]], objectives: list[str], held: list[dict], out_dir: Path) -> dict:
-    """What the balanced cut keeps and discards per objective (every objective is cut to the smallest),
-    logged and written to out_dir/pairs_used.json, so a cut is never silent."""
-    n = min(len(by_obj[o]) for o in objectives)
-    report = {"held_out": len(held), "per_objective": {o: {"pairs": len(by_obj[o]), "used": n if o in objectives else 0,
-                                                          "discarded": len(by_obj[o]) - (n if o in objectives else 0)}
-                                                      for o in by_obj}}
+def balance_report(by_obj: dict[str, list[dict]], objectives: list[str], held: list[dict], out_dir: Path,
+                   balance: str = "truncate") -> dict:
+    """What the balancing keeps, repeats and discards per objective (truncate: every objective cut to the
+    smallest; cycle: filled up to the largest by repeats), logged and written to out_dir/pairs_used.json,
+    so a cut is never silent."""
+    sizes = [len(by_obj[o]) for o in objectives]
+    n = min(sizes) if balance == "truncate" else max(sizes)
+
+    def entry(o):
+        k = len(by_obj[o])
+        slots = n if o in objectives else 0  # pairs of this objective per epoch
+        return {"pairs": k, "used": min(k, slots), "discarded": k - min(k, slots), "repeated": max(slots - k, 0)}
+
+    report = {"balance": balance, "groups_per_epoch": n, "held_out": len(held),
+              "per_objective": {o: entry(o) for o in by_obj}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pairs_used.json").write_text(json.dumps(report, indent=1))
     if dropped := {o: v["discarded"] for o, v in report["per_objective"].items() if v["discarded"]}:
         log.warning("fit_policy: the balanced cut keeps %d training pairs per objective and discards %s (%d in all); "
                     "see %s", n, dropped, sum(dropped.values()), out_dir / "pairs_used.json")
+    if repeated := {o: v["repeated"] for o, v in report["per_objective"].items() if v["repeated"]}:
+        log.info("fit_policy: dpo.balance cycle: %d groups per epoch; pairs repeated to fill them: %s", n, repeated)
     return report
 
 
@@ -352,9 +372,9 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
         t = groups_table(groups, head_of, index)
         return ray.data.from_arrow(t).map_batches(tokenize_groups, fn_kwargs=tok_kw, batch_format="pyarrow")
 
-    runs = plan_runs(cfg.method, objectives, by_obj, held, dpo.seed, cfg.soup_together, modpo_weights)
+    runs = plan_runs(cfg.method, objectives, by_obj, held, dpo.seed, cfg.soup_together, modpo_weights, dpo.balance)
     balance_report(by_obj, [o for o in objectives if cfg.method != "modpo" or modpo_weights.get(o, 0) > 0], held,
-                   Path(cfg.output_dir))
+                   Path(cfg.output_dir), dpo.balance)
     together = cfg.method == "soup" and cfg.soup_together
     results = {}
     out = Path(cfg.output_dir)
