@@ -64,6 +64,7 @@ def test_job_cli_exits_before_work(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,cls", [("sft.yaml", SFTJobConfig), ("main.yaml", MainJobConfig),
+                                      ("main_quick.yaml", MainJobConfig), ("main_study.yaml", MainJobConfig),
                                       ("rollout.yaml", RolloutJobConfig), ("label_steps.yaml", LabelJobConfig)])
 def test_shipped_configs_validate(name, cls):
     load_config(cls, CONFIGS / name)

