@@ -51,11 +51,12 @@ class VLLMEngine:
         dtype = resolve_dtype(dtype)
         check_safetensors(model_dir)
         args = {"enable_prefix_caching": True, **(engine_args or {})}
+        older = child_pids()  # a driver that started Ray has Ray's processes (and their engines) as children
         self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        worker_extension_cls="pipeline.engines.vllm_engine.WeightReloader", **args)
         # the shared-memory segments the engine's processes hold (vLLM's message queues), unlinked at
         # shutdown whatever its processes managed to clean up themselves (shm_segments_of_children)
-        self._shm = shm_segments_of_children()
+        self._shm = shm_segments_of_children(exclude=older)
         # training's tokenizer (not vLLM's copy), so prompt ids are built by the same code
         self.tokenizer = load_tokenizer(model_dir)
         self.model_dir = model_dir
@@ -127,23 +128,35 @@ class VLLMEngine:
         self._shm = ()
 
 
-def shm_segments_of_children() -> list[str]:
-    """/dev/shm/psm_* files mapped by this process's descendants (vLLM's engine core and worker).
+def child_pids() -> set[int]:
+    """The pids of this process's direct children."""
+    import psutil
+
+    try:
+        return {c.pid for c in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def shm_segments_of_children(exclude: set[int] = frozenset()) -> list[str]:
+    """/dev/shm/psm_* files mapped by this process's direct children not in `exclude` (those there before
+    the engine started: a driver that started Ray has Ray's processes as children) and their descendants:
+    vLLM's engine core and its worker.
 
     Why: vLLM's multiprocess executor (the only one vLLM-CPU allows) keeps its 160 MiB broadcast queue in
-    a segment that only its creator's garbage collection unlinks. In a Ray Data actor the engine core is
-    stopped by SIGTERM and the multiprocessing resource tracker that would unlink the leftovers is killed
-    with the actor's children, so every engine stage left a 160 MiB segment behind (3 after a main-job
-    run, 2026-12-01). The names are taken from the children's memory maps right after start-up, so
-    another process's segments are never touched."""
+    a segment that only its creator's garbage collection unlinks, and the multiprocessing resource tracker
+    that would remove a leftover is killed with a Ray actor's children. Every engine stage of the main job
+    left one behind (3 after a run, 2026-12-01). The names come from the engine processes' memory maps
+    right after start-up, so no other process's segment is touched."""
     import psutil
 
     names: set[str] = set()
     try:
-        children = psutil.Process().children(recursive=True)
+        new = [c for c in psutil.Process().children() if c.pid not in exclude]
+        procs = new + [d for c in new for d in c.children(recursive=True)]
     except psutil.Error:
         return []
-    for c in children:
+    for c in procs:
         try:
             with open(f"/proc/{c.pid}/maps") as f:
                 names.update(line.split()[-1] for line in f if "/dev/shm/psm_" in line)
