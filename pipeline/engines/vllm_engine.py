@@ -165,16 +165,11 @@ def shm_segments_of_children(exclude: set[int] = frozenset()) -> list[str]:
     return sorted(names)
 
 
-def unlink_shm(paths) -> list[str]:
-    """Removes the segments' names (a process still mapping one keeps its memory until it unmaps);
-    returns the paths removed."""
-    removed = []
+def unlink_shm(paths) -> None:
+    """Removes the segments' names (a process still mapping one keeps its memory until it unmaps); a name
+    already gone (its creator unlinked it) is fine."""
     for p in paths:
         try:
             os.unlink(p)
-            removed.append(p)
-        except FileNotFoundError:  # its creator unlinked it
-            pass
         except OSError:
             pass
-    return removed

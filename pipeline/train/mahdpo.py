@@ -52,12 +52,17 @@ def _tokenizer(model_dir: str):
     return load_tokenizer(model_dir)
 
 
+def groups_per_epoch(rows_by_objective: dict[str, list[dict]], objectives: list[str], balance: str) -> int:
+    """truncate: the smallest objective's pair count; cycle: the largest's."""
+    sizes = [len(rows_by_objective[o]) for o in objectives]
+    return min(sizes) if balance == "truncate" else max(sizes)
+
+
 def balanced_groups(rows_by_objective: dict[str, list[dict]], objectives: list[str], seed: int,
                     balance: str = "truncate") -> list[list[dict]]:
     """Groups of one pair per objective. truncate: every objective cut to the smallest (seeded shuffle);
     cycle: every objective filled up to the largest by repeating its pairs, each pass shuffled anew."""
-    sizes = [len(rows_by_objective[o]) for o in objectives]
-    n = min(sizes) if balance == "truncate" else max(sizes)
+    n = groups_per_epoch(rows_by_objective, objectives, balance)
     cut = {}
     for i, o in enumerate(objectives):
         rows: list[dict] = []
@@ -286,8 +291,7 @@ def balance_report(by_obj: dict[str, list[dict]], objectives: list[str], held: l
     """What the balancing keeps, repeats and discards per objective (truncate: every objective cut to the
     smallest; cycle: filled up to the largest by repeats), logged and written to out_dir/pairs_used.json,
     so a cut is never silent."""
-    sizes = [len(by_obj[o]) for o in objectives]
-    n = min(sizes) if balance == "truncate" else max(sizes)
+    n = groups_per_epoch(by_obj, objectives, balance)
 
     def entry(o):
         k = len(by_obj[o])
