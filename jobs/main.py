@@ -210,14 +210,14 @@ def run_main(cfg: MainJobConfig) -> dict:
                   if sz.guided_problems else None)
         out = run_eval(EvalJobConfig(
             problems=[data["problems_eval"]], n_per_task=sz.eval_per_task, sweep_points=sz.sweep_points,
-            temperature=sz.eval_temperature,
+            temperature=sz.eval_temperature, top_k=sz.eval_top_k,
             engine=cfg.engine, out_dir=str(run / "eval"), guided=guided, shared_objectives=shared, ray=cfg.ray,
             policies=eval_policies(cfg, base["model_dir"], sft_dir, policies)))
         return {"markdown": out["markdown"], "plots": out["plots"], "rows": out["rows"], "fronts": out["fronts"],
                 "responses": out.get("responses")}
 
     ev = stages.run("eval", eval_stage,
-                    config={**sizes("eval_per_task", "eval_base", "eval_temperature", "single_eval_tasks", "sweep_points",
+                    config={**sizes("eval_per_task", "eval_base", "eval_temperature", "eval_top_k", "single_eval_tasks", "sweep_points",
                                     "sweep_soup", "guided_problems", "guided_candidates"), "baselines": cfg.baselines,
                             "shared_objectives": shared, "engine": cfg.engine},
                     inputs=["base_model", "tasks", "sft", "fit_prm", *(f"fit_policy_{m}" for m in policies)],
@@ -378,6 +378,14 @@ def failed_inputs(out_dir: Path, what: str) -> int:
     return n
 
 
+def prm_pairs_cell(pairs: dict, key: str, judged: bool, agreement: dict) -> str:
+    """agree / tie / disagree of the PRM's pairs for one objective: the training pairs when the PRM chose them,
+    else the pairs it would have chosen (build_pairs' prm_pairs_vs_judge); '-' when neither was measured."""
+    would = pairs.get("prm_pairs_vs_judge", {})
+    v = agreement if not judged else would.get(key, would.get(key.split("/", 1)[-1]))  # a shared objective: its bare name
+    return "-" if not v else f"{v.get('agree', 0)} / {v.get('tie', 0)} / {v.get('disagree', 0)}"
+
+
 def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, ev, served) -> dict[str, str]:
     from pipeline.eval.findings import findings
     from pipeline.eval.report import steering_examples, table, verdicts_section
@@ -403,13 +411,18 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
         "PRM": f"{prm['steps']} steps; held-out steps, against the trivial baselines (AUROC 0.5, predicting "
                "the mean):\n\n" + baseline_table(prm["metrics"])
                + "\n\nAll held-out metrics:\n\n" + md_table(["metric", "value"], sorted(prm_m.items())),
-        "Pairs": md_table(["", "pairs"], [[k, v] for k, v in pairs.items() if k not in ("path", "per_objective")]
+        "Pairs": md_table(["", "pairs"], [[k, v] for k, v in pairs.items()
+                                          if k not in ("path", "per_objective", "prm_pairs_vs_judge")]
                           + [[f"pairs: {o}", n] for o, n in sorted(pairs.get("per_objective", {}).items())]) + "\n\n"
                  "The pairs against the task's own verifier / judge (chosen scored higher, equal, lower); an "
-                 "objective in `score_with_objective` was paired by that verifier itself, so it agrees by construction:\n\n"
-                 "| task/objective | paired by | agree | tie | disagree |\n|---|---|---:|---:|---:|\n"
+                 "objective in `score_with_objective` was paired by that verifier itself, so it agrees by construction, "
+                 "and the last column shows how the pairs the PRM would have chosen from the same candidates fare "
+                 "(agree / tie / disagree). A tutor turn alone cannot be judged for tutoring accuracy (its judge reads "
+                 "the student's replies), so its pairs are ties there by construction:\n\n"
+                 "| task/objective | paired by | agree | tie | disagree | the PRM's pairs |\n|---|---|---:|---:|---:|---|\n"
                  + "\n".join(f"| {k} | {'verifier / judge' if by_verifier(k) else 'PRM'} | {v.get('agree', 0)} | "
-                             f"{v.get('tie', 0)} | {v.get('disagree', 0)} |" for k, v in agreement.items()),
+                             f"{v.get('tie', 0)} | {v.get('disagree', 0)} | {prm_pairs_cell(pairs, k, by_verifier(k), v)} |"
+                             for k, v in agreement.items()),
         "Policies": policies_section(policies),
         "Evaluation": table(ev["rows"]) + "\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]),
         "Steering examples": steering_examples(ev["responses"]) if ev.get("responses")

@@ -473,6 +473,7 @@ class EvalJobConfig(Strict):
     policies: list[EvalPolicy] = Field(default_factory=list)
     sweep_points: int = Field(5, ge=2)
     temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_k: int = Field(-1, ge=-1)  # -1: off; the paper's math and tutoring evaluations sample with top_k 50
     engine: EngineConfig = Field(default_factory=EngineConfig)
     guided: GuidedEvalConfig | None = None
     shared_objectives: list[str] = Field(default_factory=list)  # as in LabelJobConfig; the same in every stage
@@ -501,6 +502,7 @@ class MainSizes(Strict):
     # demonstrations' most common style on every prompt (tutoring 0.94 / 1.00, a ceiling); sampling scores
     # the policy's mix of styles, as the paper does (T = 1). Seeded per problem: paired across policies.
     eval_temperature: float = Field(0.0, ge=0)
+    eval_top_k: int = Field(-1, ge=-1)  # -1: off; the paper samples its math and tutoring evaluations with top_k 50
     # Single-head DPO evaluated on these families only (F2 reads it on the conflicting objectives'
     # family); empty: every family
     single_eval_tasks: list[str] = Field(default_factory=list)

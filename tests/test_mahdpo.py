@@ -352,6 +352,22 @@ def test_pair_agreement_checks_the_prms_pairs_against_the_judges():
         "assistant/concision": {"disagree": 1, "tie": 1}, "assistant/thoroughness": {"agree": 1}}
 
 
+def test_prm_pairs_vs_judge_counts_what_the_prm_would_have_paired():
+    """For an objective paired by its judge, the PRM's own best-vs-worst picks from the same candidates
+    are checked against that judge; objectives the PRM or the judge does not score are left out."""
+    from pipeline.rollout.pairs import prm_pairs_vs_judge
+
+    cands = [{"problem_id": pid, "task": "t", "prompt": "[]", "response": f"{pid}{k}", "candidate": k}
+             for pid in ("p1", "p2", "p3") for k in range(3)]
+    prm = {"a": [0.9, 0.1, 0.5,  0.2, 0.8, 0.5,  0.5, 0.5, 0.52], "b": [0.0] * 9}
+    judge = {"a": [1.0, 0.0, 0.0,  1.0, 0.0, 0.0,  0.3, 0.3, 0.3]}
+    got = prm_pairs_vs_judge(cands, prm, judge, {"t": ["a", "b"]}, min_margin=0.05)
+    # p1: PRM picks 0 over 1, the judge agrees; p2: PRM picks 1 over 0, the judge disagrees; p3: margin too small
+    assert got == {"a": {"agree": 1, "disagree": 1}}
+    judge["a"][0] = float("nan")
+    assert prm_pairs_vs_judge(cands, prm, judge, {"t": ["a", "b"]}, 0.05) == {"a": {"unscored": 1, "disagree": 1}}
+
+
 def test_soup_members_train_independently_and_export_each(tmp_path, tiny_model_dir):
     """A pair of objective 0 moves member 0 only; each member exports as its own policy."""
     from pipeline.train.mahdpo import SoupMembers, export_soup

@@ -112,7 +112,7 @@ def write_responses(responses: list[dict], path: Path) -> Path:
 
 
 def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir: str, points: int = 3,
-             temperature: float = 0.0, guided: dict | None = None, shared=()) -> list[dict]:
+             temperature: float = 0.0, top_k: int = -1, guided: dict | None = None, shared=()) -> list[dict]:
     """Rows of per-objective scores (see the module doc); writes `<work_dir>/responses.parquet`.
     `policies`: [{name, kind, path | paths, sweep: bool}]."""
     from pipeline.eval.task_scores import score_task
@@ -139,7 +139,7 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
             engine = make_engine(engine_cfg, str(ckpt))
         else:
             engine.reload_weights(str(ckpt))
-        res = score_task(task, by_task[task], engine, temperature=temperature, seed=0)
+        res = score_task(task, by_task[task], engine, temperature=temperature, top_k=top_k, seed=0)
         ids = task_objectives(task, shared)
         rows += [score_row(pol["name"], w, "plain", task, ids[obj], s) for obj, s in res["objectives"].items()]
         responses += response_rows(pol["name"], w, "plain", task, res["episodes"], ids)

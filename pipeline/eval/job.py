@@ -24,7 +24,7 @@ def run_eval(cfg) -> dict:
     from pipeline.tasks import check_shared
 
     rows = evaluate(policies, problems, engine_cfg=cfg.engine, work_dir=cfg.out_dir, points=cfg.sweep_points,
-                    temperature=cfg.temperature, guided=guided, shared=check_shared(cfg.shared_objectives))
+                    temperature=cfg.temperature, top_k=cfg.top_k, guided=guided, shared=check_shared(cfg.shared_objectives))
     out = write(rows, cfg.out_dir)
     out["rows"] = rows
     return out

@@ -108,6 +108,24 @@ def select_pairs(cands: list[dict], scores: dict[str, list[float]], objectives_o
     return pairs, dict(skipped)
 
 
+def prm_pairs_vs_judge(cands: list[dict], prm_scores: dict[str, list[float]], judged: dict[str, list[float]],
+                       objectives_of_task: dict[str, list[str]], min_margin: float) -> dict[str, dict[str, int]]:
+    """For objectives paired by their verifier / judge: the pairs the PRM would have chosen from the same
+    candidates, as that verifier / judge sees them (agree / tie / disagree), so the PRM's pair quality is
+    measured even where it does not pick the training pairs. Keyed by objective id."""
+    only = {t: [o for o in os_ if o in judged and o in prm_scores] for t, os_ in objectives_of_task.items()}
+    would, _ = select_pairs(cands, prm_scores, only, min_margin)
+    index = {(c["problem_id"], c["response"]): i for i, c in enumerate(cands)}
+    out: dict[str, dict[str, int]] = {}
+    for p in would:
+        o, pid = p["objective"], p["id"][: -len(p["objective"]) - 1]
+        c, r = judged[o][index[(pid, p["chosen"])]], judged[o][index[(pid, p["rejected"])]]
+        verdict = "unscored" if c != c or r != r else "agree" if c > r else "tie" if c == r else "disagree"
+        got = out.setdefault(o, {})
+        got[verdict] = got.get(verdict, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: list[str],
                           shared=()) -> dict[str, list[float]]:
     """Scores from the tasks' own verifiers / judges (for objectives in score_with_objective), by objective id."""
@@ -201,6 +219,7 @@ def run_build_pairs(cfg) -> dict:
         by_verifier = [resolve_objective(n, names, "score_with_objective entry") for n in cfg.score_with_objective]
         how_of = resolve_keys(cfg.aggregate_per_objective, names, "aggregate_per_objective key")
         scores = {}
+        prm_scores: dict[str, list[float]] = {}  # every objective the PRM scores, also those paired by a judge
         prm_objs: list[str] = []
         if cfg.prm:
             prm_objs = json.loads((Path(cfg.prm) / "prm_config.json").read_text())["objectives"]
@@ -209,15 +228,17 @@ def run_build_pairs(cfg) -> dict:
             raise ValueError(f"objective(s) {missing} have no scorer: the PRM ({cfg.prm}) has {prm_objs}; "
                              "add them to score_with_objective or train the PRM on them")
         for n in names:
-            if n in by_verifier:
-                continue
-            j = prm_objs.index(n)
-            how = how_of.get(n, cfg.aggregate)
-            scores[n] = prm_response_scores(cands, j, how, cand_file)
-        scores.update(score_with_objectives(cands, problems, by_verifier, shared))
+            if n in prm_objs:
+                prm_scores[n] = prm_response_scores(cands, prm_objs.index(n), how_of.get(n, cfg.aggregate), cand_file)
+            if n not in by_verifier:
+                scores[n] = prm_scores[n]
+        judged = score_with_objectives(cands, problems, by_verifier, shared)
+        scores.update(judged)
         made, skipped = select_pairs(cands, scores, objectives_of_task, cfg.min_margin)
         pairs += made
         summary.update({"candidates": len(cands), "pairs_from_candidates": len(made), "skipped": skipped})
+        if judged and prm_scores:
+            summary["prm_pairs_vs_judge"] = prm_pairs_vs_judge(cands, prm_scores, judged, objectives_of_task, cfg.min_margin)
     for objective, data in cfg.preferences.items():
         t, _ = read_records(data.paths, "preference", defaults={"objective": objective, **data.defaults},
                             skip_bad_rows=data.skip_bad_rows, quarantine_dir=data.quarantine_dir, split=data.split)
