@@ -463,6 +463,10 @@ class GuidedEvalConfig(Strict):
     temperature: float = Field(0.7, ge=0)
     policy_names: list[str] = Field(default_factory=list)  # empty: every multihead policy
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # of the policy and the PRM (in process)
+    # engine: a batched step search on the evaluation's engine (vLLM), every problem at once
+    # (pipeline.decoding.guided_search); transformers: guided_generate in process, one problem at a time
+    # (the reference, with its continuing KV cache and tree attention)
+    backend: Literal["engine", "transformers"] = "engine"
 
 
 class EvalJobConfig(Strict):

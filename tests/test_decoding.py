@@ -290,3 +290,107 @@ def test_bf16_screening_follows_the_device(monkeypatch):
     assert not can_screen(W, 1.0)
     monkeypatch.setenv("MAHALO_BF16", "1")
     assert can_screen(W, 1.0)
+
+
+def _record(engine):
+    """Wraps engine.sample_tokens to keep each round's prompts and samples."""
+    calls = []
+    inner = engine.sample_tokens
+
+    def sample_tokens(ids, **kw):
+        out = inner(ids, **kw)
+        calls.append((ids, out, kw))
+        return out
+
+    engine.sample_tokens = sample_tokens
+    return calls
+
+
+def _check_choices_against_the_reference(results, calls, prompts, prm, ptok, tok, weights, k, boundary, eos):
+    """Replays every round: the step each problem kept is the one both of guided_generate's scorers
+    (score_last, and PRMPrefix's continuing cache) rank first among the same candidates."""
+    from pipeline.decoding.guided import PRMPrefix, combine
+    from pipeline.decoding.guided_search import cut_step
+    from pipeline.models.tokenize import prompt_ids
+
+    heads = [prompt_ids(tok, p) for p in prompts]
+    caches = [PRMPrefix(prm, ptok, p) for p in prompts]
+    accepted = [[] for _ in prompts]
+    ids_so_far = [[] for _ in prompts]
+    for ids, samples, kw in calls:
+        budgets = kw["max_tokens"]
+        for row, outs, budget in zip(ids, samples, budgets):
+            i = next(j for j in range(len(prompts)) if heads[j] + ids_so_far[j] == row)
+            steps = [cut_step(tok, s, boundary, eos, budget) for s in outs]
+            texts = [tok.decode([x for x in s if x not in eos]).strip() for s in steps]
+            assert len(texts) == k
+            ref = combine(prm.to_rewards(prm.score_last(ptok, prompts[i], accepted[i], texts)), weights)
+            cached = combine(prm.to_rewards(caches[i].score(texts)), weights)
+            best = int(torch.argmax(ref))
+            assert int(torch.argmax(cached)) == best
+            caches[i].accept(best)
+            assert results[i].steps[len(accepted[i])] == texts[best]
+            accepted[i].append(texts[best])
+            ids_so_far[i] += steps[best]
+    for i, r in enumerate(results):
+        assert r.steps == accepted[i]
+        want = ids_so_far[i][:-1] if r.finished else ids_so_far[i]
+        assert r.token_ids == want
+
+
+@pytest.mark.parametrize("boundary", ["sentences", "blank_lines"])
+def test_guided_search_keeps_the_candidates_guided_generate_would_keep(tiny_model_dir, boundary):
+    """The batched step search (transformers engine, 3 problems at once) keeps, at every round, the
+    candidate that guided_generate's scoring ranks first among the same candidates."""
+    from pipeline.decoding.guided_search import guided_search
+    from pipeline.engines.hf_engine import TransformersEngine
+    from pipeline.models.prm import build_prm
+
+    engine = TransformersEngine(tiny_model_dir, dtype="float32")
+    prm, ptok = build_prm(tiny_model_dir, ["a", "b"], {"a": "soft", "b": "hard"})
+    prm.eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("Count to five.", "What is 4 + 4?", "Name a colour.")]
+    calls = _record(engine)
+    weights = [0.3, 0.7]
+    res = guided_search(engine, prm, ptok, prompts, prm_weights=weights, candidates=3, max_steps=3,
+                        max_step_tokens=6, max_new_tokens=16, boundary=boundary, temperature=1.0, seeds=[1, 2, 3])
+    assert len(calls) >= 2 and all(len(r.steps) >= 1 for r in res)
+    _check_choices_against_the_reference(res, calls, prompts, prm, ptok, engine.tokenizer, weights, 3, boundary,
+                                         engine.eos_ids())
+
+
+def test_cut_step_ends_where_guided_generate_ends_a_step(tiny_model_dir):
+    from pipeline.decoding.guided import _at_boundary
+    from pipeline.decoding.guided_search import cut_step
+    from pipeline.models.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    ids = tok("First we add 2 and 3. Then\n\nwe get 5", add_special_tokens=False)["input_ids"]
+    for boundary in ("sentences", "blank_lines", "turn"):
+        got = cut_step(tok, ids, boundary, eos={10**9}, budget=len(ids))
+        # the shortest prefix that shows the boundary, else everything
+        want = next((ids[:j] for j in range(1, len(ids) + 1) if _at_boundary(tok.decode(ids[:j]), boundary)), ids)
+        assert got == want
+        assert boundary == "turn" or len(got) < len(ids)
+    assert cut_step(tok, ids, "turn", eos={ids[2]}, budget=99) == ids[:3]  # through the end of sequence
+    assert cut_step(tok, ids, "turn", eos=set(), budget=4) == ids[:4]
+
+
+def test_guided_search_on_vllm_matches_the_reference_choices(vllm_engine, tiny_model_dir):
+    """The same check on the vLLM engine (the evaluation's backend): candidates from vLLM, choices
+    as guided_generate's scorers make them; the stop hints never end a step before its boundary."""
+    from pipeline.decoding.guided_search import guided_search
+    from pipeline.models.prm import build_prm
+
+    prm, ptok = build_prm(tiny_model_dir, ["a", "b"], {"a": "soft", "b": "hard"})
+    prm.eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("Count to five.", "What is 4 + 4?", "Name a colour.")]
+    calls = _record(vllm_engine)
+    try:
+        res = guided_search(vllm_engine, prm, ptok, prompts, prm_weights=[0.5, 0.5], candidates=3, max_steps=3,
+                            max_step_tokens=6, max_new_tokens=16, boundary="sentences", temperature=1.0,
+                            seeds=[1, 2, 3])
+    finally:
+        del vllm_engine.sample_tokens  # the instance attribute: back to the class's method
+    _check_choices_against_the_reference(res, calls, prompts, prm, ptok, vllm_engine.tokenizer, [0.5, 0.5], 3,
+                                         "sentences", vllm_engine.eos_ids())

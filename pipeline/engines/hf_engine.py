@@ -21,6 +21,40 @@ class TransformersEngine:
         """New weights (same architecture), like VLLMEngine.reload_weights."""
         self.model = load_causal_lm(checkpoint_dir, self.dtype).to(self.device).eval()
 
+    @property
+    def tokenizer(self):
+        return self.tok
+
+    def eos_ids(self) -> set[int]:
+        from pipeline.decoding.mixing import eos_ids
+
+        return eos_ids(self.tok, self.model.config)
+
+    @torch.no_grad()
+    def sample_tokens(self, ids: list[list[int]], *, n: int = 1, max_tokens: int | list[int] = 256,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seeds: list[int] | None = None,
+                      stop: list[str] | None = None) -> list[list[list[int]]]:
+        """As VLLMEngine.sample_tokens, one prompt at a time (its seed, its budget); `stop` is a hint only:
+        samples run to their budget or end of sequence (the guided search cuts its steps itself)."""
+        per = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ids)
+        eos, out = self.eos_ids(), []
+        for i, p in enumerate(ids):
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
+            sample = temperature > 0
+            x = torch.tensor([p], device=self.device)
+            gen = self.model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=per[i], do_sample=sample,
+                num_return_sequences=n, temperature=temperature if sample else None,
+                top_p=top_p if sample else None, top_k=(top_k if top_k > 0 else None) if sample else None,
+                eos_token_id=sorted(eos), pad_token_id=self.tok.pad_token_id)
+            rows = []
+            for row in gen[:, len(p):].tolist():
+                cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))  # through the first end
+                rows.append(row[:cut])
+            out.append(rows)
+        return out
+
     def render(self, prompt: list[dict]) -> str:
         return prompt_text(self.tok, prompt)
 

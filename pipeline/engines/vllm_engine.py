@@ -101,6 +101,54 @@ class VLLMEngine:
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         return [[c.text for c in o.outputs] for o in outs]
 
+    def sample_tokens(self, ids: list[list[int]], *, n: int = 1, max_tokens: int | list[int] = 256,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seeds: list[int] | None = None,
+                      stop: list[str] | None = None) -> list[list[list[int]]]:
+        """n samples' token ids per prompt of token ids (guided search); a sample ended by the end of
+        sequence ends with its id. `max_tokens` may differ per prompt. Requests share vLLM's prefix
+        cache, so a prompt that extends an earlier one is encoded only past their common prefix."""
+        from vllm.inputs import TokensPrompt
+
+        if not ids:
+            return []
+        per = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ids)
+        params = [self._params(n, per[i], temperature, top_p, top_k, None if seeds is None else seeds[i], stop)
+                  for i in range(len(ids))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        eos = self.eos_ids()
+        res = []
+        for o in outs:
+            got = []
+            for c in o.outputs:
+                t = list(c.token_ids)
+                if c.finish_reason == "stop" and c.stop_reason is None and (not t or t[-1] not in eos):
+                    t.append(min(eos))  # ended by an end of sequence vLLM did not return
+                got.append(t)
+            res.append(got)
+        return res
+
+    def prefix_cache_stats(self) -> dict | None:
+        """{queries, hits}: prompt tokens looked up in vLLM's prefix cache and found there, summed since the
+        engine started; None when vLLM keeps no stats (`disable_log_stats`, the LLM class's default)."""
+        try:
+            metrics = self.llm.get_metrics()
+        except AssertionError:  # vLLM 0.32: "Stat logging disabled"
+            return None
+        got: dict[str, float] = {}
+        for m in metrics:  # one counter per engine core: summed
+            if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
+                got[m.name] = got.get(m.name, 0.0) + float(m.value)
+        if len(got) < 2:
+            return None
+        return {"queries": got["vllm:prefix_cache_queries"], "hits": got["vllm:prefix_cache_hits"]}
+
+    def eos_ids(self) -> set[int]:
+        from transformers import AutoConfig
+
+        from pipeline.decoding.mixing import eos_ids
+
+        return eos_ids(self.tokenizer, AutoConfig.from_pretrained(self.model_dir))
+
     def render(self, prompt: list[dict]) -> str:
         return prompt_text(self.tokenizer, prompt)
 

@@ -6,8 +6,10 @@ engine serves them all, swapping weights in place (`reload_weights`, no restart)
   hf       a Hugging Face causal LM (base, SFT): one head, weight [1];
   multihead a MAH-DPO or single-head DPO checkpoint, for each weight vector of the sweep;
   soup     per-objective single-head DPO models, parameters averaged with the weights.
-Guided decoding (the PRM picks each step among K candidates) runs in process on the
-multi-head policy (pipeline.decoding.guided), on `guided_problems` problems per task.
+Guided decoding (the PRM picks each step among K candidates) runs on `guided_problems` problems per
+task: by default as a batched step search on the same engine, the policy merged at equal weights
+(pipeline.decoding.guided_search); with `backend: transformers`, in process on the multi-head policy,
+one problem at a time (pipeline.decoding.guided, the reference).
 
 Rows: {policy, weights (JSON, over the task's objective ids), decoding, task, objective (its id:
 `<family>/<name>`, or the bare name when shared), mean, n, se, ci_low, ci_high (95% percentile bootstrap
@@ -130,8 +132,13 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
             ws = sweep(list(task_objectives(task, shared).values()), points) if pol.get("sweep") else [None]
             plan += [(pol, task, w) for w in ws]
     rows, responses, engine = [], [], None
-    for i, (pol, task, w) in enumerate(plan):
-        ckpt = materialise(pol, w or {}, work / "merged" / f"m{i % 2}", dtype=getattr(engine_cfg, "dtype", None))
+    slot = {"n": 0}
+
+    def engine_at(pol: dict, w: dict):
+        """The one engine, serving `pol` at weights `w` (created on first use, then weights swapped in place)."""
+        nonlocal engine
+        ckpt = materialise(pol, w, work / "merged" / f"m{slot['n'] % 2}", dtype=getattr(engine_cfg, "dtype", None))
+        slot["n"] += 1
         if engine is None:
             import os
 
@@ -139,18 +146,22 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
             engine = make_engine(engine_cfg, str(ckpt))
         else:
             engine.reload_weights(str(ckpt))
+        return engine
+
+    for i, (pol, task, w) in enumerate(plan):
+        engine_at(pol, w or {})
         res = score_task(task, by_task[task], engine, temperature=temperature, top_k=top_k, seed=0)
         ids = task_objectives(task, shared)
         rows += [score_row(pol["name"], w, "plain", task, ids[obj], s) for obj, s in res["objectives"].items()]
         responses += response_rows(pol["name"], w, "plain", task, res["episodes"], ids)
         log.info("eval %s %s %s: %s", pol["name"], task, w or "", {o: round(s["mean"], 3) for o, s in res["objectives"].items()})
         progress.report("eval points", i + 1, len(plan))  # (policy, task, weights) points
-    if engine is not None and hasattr(engine, "shutdown"):
-        engine.shutdown()
     if guided:
-        g_rows, g_responses = evaluate_guided(policies, by_task, **guided, shared=shared)
+        g_rows, g_responses = evaluate_guided(policies, by_task, **guided, shared=shared, engine_at=engine_at)
         rows += g_rows
         responses += g_responses
+    if engine is not None and hasattr(engine, "shutdown"):
+        engine.shutdown()
     write_responses(responses, work / "responses.parquet")
     return rows
 
@@ -158,10 +169,14 @@ def evaluate(policies: list[dict], problems: list[dict], *, engine_cfg, work_dir
 def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm: str, tasks: list[str],
                     n_problems: int, candidates: int = 4, max_steps: int = 6, max_step_tokens: int = 64,
                     temperature: float = 0.7, policy_names: list[str] | None = None, dtype: str = "float32",
-                    shared=()) -> tuple[list[dict], list[dict]]:
+                    backend: str = "engine", engine_at=None, shared=()) -> tuple[list[dict], list[dict]]:
     """PRM-guided decoding on multi-head policies at equal weights over each task's objectives.
+    backend `engine`: the batched step search (pipeline.decoding.guided_search) on the evaluation's engine,
+    all problems at once, the policy merged at those weights (`engine_at(policy, weights)` loads it);
+    `transformers`: guided_generate in process, one problem at a time (the reference).
     -> (rows, response rows), as evaluate()'s."""
     from pipeline.decoding.guided import guided_generate
+    from pipeline.decoding.guided_search import guided_search
     from pipeline.models.checkpoint import load_tokenizer
     from pipeline.models.multihead import MultiHeadPolicy
     from pipeline.models.prm import VectorPRM
@@ -172,13 +187,15 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
 
     from pipeline.models.precision import resolve_dtype
 
+    if backend == "engine" and engine_at is None:
+        raise ValueError("guided backend 'engine' needs the evaluation's engine (engine_at); evaluate() passes it")
     prm_model, prm_tok = VectorPRM.load(prm, dtype=getattr(torch, resolve_dtype(dtype)))
     prm_model.eval()
     rows, responses = [], []
     for pol in policies:
         if pol["kind"] != "multihead" or (policy_names and pol["name"] not in policy_names):
             continue
-        policy = MultiHeadPolicy.load(pol["path"], dtype=dtype).eval()
+        policy = MultiHeadPolicy.load(pol["path"], dtype=dtype).eval()  # its heads (and, in process, the model)
         tok = load_tokenizer(pol["path"])
         for task_name in tasks:
             task = get_task(task_name)
@@ -196,14 +213,23 @@ def evaluate_guided(policies: list[dict], by_task: dict[str, list[dict]], *, prm
             if not any(prm_w):  # guidance by no objective: K candidates picked blindly
                 raise ValueError(f"guided eval of {task_name}: the PRM {prm} scores {prm_model.objectives}, "
                                  f"none of the task's objectives {objs}")
+            probs = by_task.get(task_name, [])[:n_problems]
+            boundary = "blank_lines" if task_name == "math_word" else "sentences"
+            engine = engine_at(pol, dict(zip(policy.objectives, w))) if backend == "engine" else None
             # K = 1 is the same step-by-step sampling without a choice: the baseline on the same problems
             for k in sorted({1, candidates}):
                 items = []
-                for i, p in enumerate(by_task.get(task_name, [])[:n_problems]):
-                    r = guided_generate(policy, tok, prm_model, prm_tok, p["prompt"], weights=w, prm_weights=prm_w,
-                                        candidates=k, max_steps=max_steps, max_step_tokens=max_step_tokens,
-                                        max_new_tokens=task.max_tokens, boundary="blank_lines"
-                                        if task_name == "math_word" else "sentences", temperature=temperature, seed=i)
+                if engine is not None:
+                    found = guided_search(engine, prm_model, prm_tok, [p["prompt"] for p in probs], prm_weights=prm_w,
+                                          candidates=k, max_steps=max_steps, max_step_tokens=max_step_tokens,
+                                          max_new_tokens=task.max_tokens, boundary=boundary, temperature=temperature,
+                                          seeds=list(range(len(probs))))
+                else:
+                    found = [guided_generate(policy, tok, prm_model, prm_tok, p["prompt"], weights=w, prm_weights=prm_w,
+                                             candidates=k, max_steps=max_steps, max_step_tokens=max_step_tokens,
+                                             max_new_tokens=task.max_tokens, boundary=boundary,
+                                             temperature=temperature, seed=i) for i, p in enumerate(probs)]
+                for p, r in zip(probs, found):
                     meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
                     items.append({"problem_id": problem_id(p), "prompt": p["prompt"],
                                   "response": tok.decode(r.token_ids, skip_special_tokens=True),

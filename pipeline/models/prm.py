@@ -158,18 +158,28 @@ class VectorPRM(nn.Module):
                    max_length: int = 4096) -> torch.Tensor:
         """[K, n_objectives]: the raw output of each candidate as the next step after `prefix`, one padded
         forward for all K (guided decoding reads `rewards_last`). A candidate cut by max_length scores NaN."""
-        encs = [encode_steps(tokenizer, prompt, prefix + [c], self.sep_id, max_length) for c in candidates]
+        return self.score_next(tokenizer, [(prompt, prefix, c) for c in candidates], max_length, len(candidates))
+
+    @torch.no_grad()
+    def score_next(self, tokenizer, items: list[tuple[list[dict], list[str], str]], max_length: int = 4096,
+                   batch_size: int = 32) -> torch.Tensor:
+        """[len(items), n_objectives]: for each (prompt, accepted steps, candidate), the raw output of the
+        candidate as the next step, read at its separator; padded forwards of `batch_size` rows (right
+        padding: a row's outputs do not depend on its neighbours). Cut by max_length: NaN."""
+        out = torch.full((len(items), len(self.objectives)), float("nan"))
         dev = next(self.parameters()).device
-        width = max(len(e["input_ids"]) for e in encs)
-        ids = torch.zeros((len(encs), width), dtype=torch.long)
-        att = torch.zeros((len(encs), width), dtype=torch.long)
-        for i, e in enumerate(encs):
-            ids[i, : len(e["input_ids"])], att[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
-        h = self(ids.to(dev), att.to(dev)).float().cpu()
-        out = torch.full((len(encs), len(self.objectives)), float("nan"))
-        for i, e in enumerate(encs):
-            if len(e["positions"]) == len(prefix) + 1:
-                out[i] = h[i, e["positions"][-1]]
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo:lo + batch_size]
+            encs = [encode_steps(tokenizer, p, list(prefix) + [c], self.sep_id, max_length) for p, prefix, c in chunk]
+            width = max(len(e["input_ids"]) for e in encs)
+            ids = torch.zeros((len(encs), width), dtype=torch.long)
+            att = torch.zeros((len(encs), width), dtype=torch.long)
+            for i, e in enumerate(encs):
+                ids[i, : len(e["input_ids"])], att[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
+            h = self(ids.to(dev), att.to(dev)).float().cpu()
+            for i, (e, (_, prefix, _)) in enumerate(zip(encs, chunk)):
+                if len(e["positions"]) == len(prefix) + 1:
+                    out[lo + i] = h[i, e["positions"][-1]]
         return out
 
     def save(self, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
