@@ -71,7 +71,8 @@ def main() -> None:
         prm, ptok = build_prm(str(resolve_model("smollm2-135m-instruct")) if multi else path, ["accuracy"],
                               {"accuracy": "soft"})
     prm.eval()
-    prm_w = [1.0] * len(prm.objectives)
+    math = [o.startswith("math_word/") or o in ("accuracy", "engagement") for o in prm.objectives]
+    prm_w = [float(m) for m in math] if any(math) else [1.0] * len(prm.objectives)  # the math objectives
     problems, _ = math_word.generate(args.problems, 1, "eval")
     task = get_task("math_word")
     limits = dict(candidates=args.k, max_steps=args.max_steps, max_step_tokens=args.max_step_tokens,
