@@ -338,8 +338,8 @@ def _check_choices_against_the_reference(results, calls, prompts, prm, ptok, tok
         assert r.token_ids == want
 
 
-@pytest.mark.parametrize("boundary", ["sentences", "blank_lines"])
-def test_guided_search_keeps_the_candidates_guided_generate_would_keep(tiny_model_dir, boundary):
+@pytest.mark.parametrize("boundary,prm_cache", [("sentences", True), ("blank_lines", True), ("sentences", False)])
+def test_guided_search_keeps_the_candidates_guided_generate_would_keep(tiny_model_dir, boundary, prm_cache):
     """The batched step search (transformers engine, 3 problems at once) keeps, at every round, the
     candidate that guided_generate's scoring ranks first among the same candidates."""
     from pipeline.decoding.guided_search import guided_search
@@ -353,7 +353,8 @@ def test_guided_search_keeps_the_candidates_guided_generate_would_keep(tiny_mode
     calls = _record(engine)
     weights = [0.3, 0.7]
     res = guided_search(engine, prm, ptok, prompts, prm_weights=weights, candidates=3, max_steps=3,
-                        max_step_tokens=6, max_new_tokens=16, boundary=boundary, temperature=1.0, seeds=[1, 2, 3])
+                        max_step_tokens=6, max_new_tokens=16, boundary=boundary, temperature=1.0, seeds=[1, 2, 3],
+                        prm_cache=prm_cache)
     assert len(calls) >= 2 and all(len(r.steps) >= 1 for r in res)
     _check_choices_against_the_reference(res, calls, prompts, prm, ptok, engine.tokenizer, weights, 3, boundary,
                                          engine.eos_ids())

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.decoding.guided import BOUNDARIES, GuidedResult, _at_boundary, combine
+from pipeline.decoding.guided import BOUNDARIES, GuidedResult, PRMPrefix, _at_boundary, combine
 
 # Stop strings that fire at or after the step's true boundary (never before it): an early exit only.
 STOP_HINTS = {"blank_lines": ["\n\n"], "sentences": [". ", "! ", "? ", ".\n", "!\n", "?\n"], "turn": []}
@@ -48,11 +48,14 @@ def guided_search(engine, prm, prm_tokenizer, prompts: list[list[dict]], *, prm_
                   candidates: int = 4, max_steps: int = 8, max_step_tokens: int = 64, max_new_tokens: int = 256,
                   boundary: str = "blank_lines", temperature: float = 0.7, top_p: float = 1.0, top_k: int = -1,
                   seeds: list[int] | None = None, eos: set[int] | None = None,
-                  prm_batch_size: int = 32) -> list[GuidedResult]:
+                  prm_batch_size: int = 32, prm_cache: bool = True) -> list[GuidedResult]:
     """One GuidedResult per prompt (token_ids without the end of sequence, steps, step_scores, finished).
     `engine` needs `tokenizer` and `sample_tokens` (VLLMEngine, TransformersEngine); `seeds`: one per
     prompt (each round's draws are seeded by it and the round, so a problem's search does not depend on
-    the others in its batch on vLLM)."""
+    the others in its batch on vLLM). `prm_cache`: the PRM keeps a running cache per problem (prompt +
+    accepted steps, `PRMPrefix`, as guided_generate does) and encodes only each round's candidates, one
+    forward per problem; off (or a PRM without a backbone to cache), all candidates of all problems go
+    through one padded batch with their prefixes encoded again (`score_next`)."""
     from pipeline.data.hashing import stable_seed
     from pipeline.models.tokenize import prompt_ids
 
@@ -63,6 +66,10 @@ def guided_search(engine, prm, prm_tokenizer, prompts: list[list[dict]], *, prm_
     heads = [prompt_ids(tok, p) for p in prompts]
     seeds = seeds if seeds is not None else list(range(len(prompts)))
     results = [GuidedResult(token_ids=[], steps=[]) for _ in prompts]
+    caches: dict[int, PRMPrefix] = {}
+    backbone = getattr(prm, "backbone", None)  # PRMPrefix needs a backbone that takes a 4D mask (tree attention)
+    prm_cache = (prm_cache and isinstance(backbone, torch.nn.Module)
+                 and getattr(backbone.config, "_attn_implementation", None) in ("sdpa", "eager"))
     for rnd in range(max_steps):
         active = [i for i, r in enumerate(results) if not r.finished and len(r.token_ids) < max_new_tokens]
         if not active:
@@ -74,12 +81,20 @@ def guided_search(engine, prm, prm_tokenizer, prompts: list[list[dict]], *, prm_
             max_tokens=budgets)
         steps = [[cut_step(tok, s, boundary, eos, b) for s in outs] for outs, b in zip(samples, budgets)]
         texts = [[tok.decode([x for x in s if x not in eos]).strip() for s in cands] for cands in steps]
-        items = [(prompts[i], results[i].steps, t) for i, ts in zip(active, texts) for t in ts]
-        raw = prm.score_next(prm_tokenizer, items, batch_size=prm_batch_size)
+        if prm_cache:
+            for i in active:
+                if i not in caches:
+                    caches[i] = PRMPrefix(prm, prm_tokenizer, prompts[i])
+            raw = torch.cat([caches[i].score(ts) for i, ts in zip(active, texts)])
+        else:
+            items = [(prompts[i], results[i].steps, t) for i, ts in zip(active, texts) for t in ts]
+            raw = prm.score_next(prm_tokenizer, items, batch_size=prm_batch_size)
         rewards = prm.to_rewards(raw)
         for j, i in enumerate(active):
             scores = combine(rewards[j * candidates:(j + 1) * candidates], prm_weights)
             best = int(torch.argmax(scores))
+            if prm_cache:
+                caches[i].accept(best)
             r, chosen = results[i], steps[j][best]
             r.token_ids += chosen
             r.steps.append(texts[j][best])
