@@ -5,9 +5,10 @@ Every problem advances one step per round, all problems together:
     for each round, for every problem still running:
         the engine samples K candidate steps on prompt + accepted steps (token ids; vLLM's prefix
         cache holds prompt + accepted steps from the round before, so they are not encoded again)
-    the PRM scores all candidates of all problems in one batch (as the next step after the
-    problem's accepted steps, VectorPRM.score_next); each problem keeps its best candidate under
-    the request's weights (`combine`, the choice guided_generate makes)
+    the PRM scores every problem's candidates as the next step after its accepted steps (a running
+    PRM cache per problem, PRMPrefix, by default; or all candidates of all problems in one padded
+    batch, VectorPRM.score_next); each problem keeps its best candidate under the request's weights
+    (`combine`, the choice guided_generate makes)
 
 A candidate step ends where guided_generate's does: at the first token after which the decoded step
 shows its boundary (`blank_lines`, `sentences`; `turn`: only the end of sequence), at the end of

@@ -143,11 +143,14 @@ class VLLMEngine:
         return {"queries": got["vllm:prefix_cache_queries"], "hits": got["vllm:prefix_cache_hits"]}
 
     def eos_ids(self) -> set[int]:
-        from transformers import AutoConfig
+        """The tokenizer's and the model config's end-of-sequence ids (read once: sample_tokens asks every round)."""
+        if getattr(self, "_eos", None) is None:
+            from transformers import AutoConfig
 
-        from pipeline.decoding.mixing import eos_ids
+            from pipeline.decoding.mixing import eos_ids
 
-        return eos_ids(self.tokenizer, AutoConfig.from_pretrained(self.model_dir))
+            self._eos = eos_ids(self.tokenizer, AutoConfig.from_pretrained(self.model_dir))
+        return self._eos
 
     def render(self, prompt: list[dict]) -> str:
         return prompt_text(self.tokenizer, prompt)
