@@ -305,10 +305,17 @@ def _cell(row: dict) -> str:
 
 
 def pair_agreement_of(pairs_dir: Path, problems: str, shared=()) -> dict:
+    import pyarrow.parquet as pq
+
     from pipeline.rollout.pairs import pair_agreement
 
     pairs = read_records([str(pairs_dir)], "preference")[0].to_pylist()
-    return pair_agreement(pairs, {p["id"]: p for p in read_records([problems], "problem")[0].to_pylist()}, shared)
+    cand_file = pairs_dir / "_candidates.parquet"  # played-out dialogues: a dialogue judge reads the student's replies
+    dialogues = {}
+    if cand_file.exists() and "dialogue" in pq.read_schema(cand_file).names:
+        dialogues = {(c["problem_id"], c["response"]): c["dialogue"] for c in pq.read_table(
+            cand_file, columns=["problem_id", "response", "dialogue"]).to_pylist() if c["dialogue"]}
+    return pair_agreement(pairs, {p["id"]: p for p in read_records([problems], "problem")[0].to_pylist()}, shared, dialogues)
 
 
 def judged_methods(method: str, shared) -> dict[str, str]:
@@ -417,8 +424,10 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
                  "The pairs against the task's own verifier / judge (chosen scored higher, equal, lower); an "
                  "objective in `score_with_objective` was paired by that verifier itself, so it agrees by construction, "
                  "and the last column shows how the pairs the PRM would have chosen from the same candidates fare "
-                 "(agree / tie / disagree). A tutor turn alone cannot be judged for tutoring accuracy (its judge reads "
-                 "the student's replies), so its pairs are ties there by construction:\n\n"
+                 "(agree / tie / disagree). A dialogue family's candidate turns are judged on the dialogue played out from "
+                 "them (the same policy and the simulated student, to the episode's end: one Monte Carlo sample of the "
+                 "turn's value; build_pairs' `continue_dialogues`) where a judge pairs them; the PRM's tutoring pairs "
+                 "are checked on those dialogues too:\n\n"
                  "| task/objective | paired by | agree | tie | disagree | the PRM's pairs |\n|---|---|---:|---:|---:|---|\n"
                  + "\n".join(f"| {k} | {'verifier / judge' if by_verifier(k) else 'PRM'} | {v.get('agree', 0)} | "
                              f"{v.get('tie', 0)} | {v.get('disagree', 0)} | {prm_pairs_cell(pairs, k, by_verifier(k), v)} |"

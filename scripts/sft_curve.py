@@ -69,7 +69,7 @@ def main() -> None:
     t1 = time.time()
     temperature = cfg.sizes.eval_temperature if a.temperature is None else a.temperature
     ev = run_eval(EvalJobConfig(problems=[data["problems_eval"]], n_per_task=a.n_eval, policies=policies,
-                                temperature=temperature,
+                                temperature=temperature, top_k=cfg.sizes.eval_top_k,
                                 engine=cfg.engine, out_dir=str(out / "eval"), ray=cfg.ray))
     eval_s = time.time() - t1
     losses = [json.loads(l) for l in (out / "sft" / "logs" / "metrics.jsonl").read_text().splitlines()]

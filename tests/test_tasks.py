@@ -196,3 +196,56 @@ def test_pairs_and_policy_heads_per_family_objective(shared, heads):
     agreement = pair_agreement(pairs, {p["id"]: p for p in probs}, shared)
     assert sorted(agreement) == ["math_word/accuracy", "math_word/engagement", "tutoring/accuracy", "tutoring/engagement"]
     assert sum(sum(v.values()) for v in agreement.values()) == len(pairs)
+
+
+class _ScriptedTutor:
+    """A tutor engine with known behaviour (a fake: the test needs turns whose dialogue outcome is known).
+    Asked for n first turns it offers a leak with false arithmetic, then a question on the first step;
+    in a dialogue under way it asks about the step the student has not worked out yet."""
+
+    def __init__(self, problems):
+        self.meta = {p["prompt"][-1]["content"]: json.loads(p["meta"]) for p in problems}
+
+    def generate(self, prompts, n=1, seeds=None, **sampling):
+        out = []
+        for d in prompts:
+            opening = next(m for m in d if m["role"] == "user")
+            meta = self.meta[opening["content"]]
+            k = tutoring._solved(d[d.index(opening) + 1:], meta["steps"])
+            a, op, b = meta["steps"][min(k, len(meta["steps"]) - 1)][0].split(" ")
+            ask = f"Good start. What is {a} {op} {b}?"
+            answer = tutoring._fmt(float(meta["values"][-1]))
+            leak = f"The answer is {answer}: {a} {op} {b} = {int(float(meta['steps'][0][1])) + 1}."
+            out.append([leak, ask][:n] if len(d) == 2 else [ask] * n)
+        return out
+
+
+def test_dialogue_candidates_are_judged_on_the_dialogue_played_out_from_them():
+    """A tutor turn alone cannot be judged for accuracy (the judge reads the student's replies): build_pairs
+    plays each candidate turn out with the same policy and the simulated student, and the dialogue judge then
+    prefers the question that leads the student to the answer over the leak that states false arithmetic
+    (the PRM's reward hack of the 2026-12-01 run); without the played-out dialogue every pair is a tie."""
+    import pyarrow as pa
+
+    from pipeline.rollout.pairs import candidates_batch, pair_agreement, score_with_objectives, select_pairs
+
+    probs = tutoring.generate(3, 0)[0]
+    engine = _ScriptedTutor(probs)
+    problems = {p["id"]: p for p in probs}
+    of_task = {"tutoring": ["tutoring/accuracy"]}
+    played = candidates_batch(engine, pa.Table.from_pylist(probs), n=2, sampling={"temperature": 1.0, "seed": 1},
+                              continue_tasks=("tutoring",)).to_pylist()
+    for c in played:
+        d = json.loads(c["dialogue"])
+        assert d[0] == {"role": "assistant", "content": c["response"]} and d[1]["role"] == "user"
+        assert tutoring.done(d, None) or sum(m["role"] == "assistant" for m in d) == tutoring.MAX_TURNS
+    scores = score_with_objectives(played, problems, ["tutoring/accuracy"])
+    assert scores["tutoring/accuracy"] == [0.0, 1.0] * 3  # leak with false arithmetic: 0; the questions: solved
+    pairs, _ = select_pairs(played, scores, of_task, min_margin=0.05)
+    assert len(pairs) == 3 and all(p["chosen"].endswith("?") and p["rejected"].startswith("The answer") for p in pairs)
+    dialogues = {(c["problem_id"], c["response"]): c["dialogue"] for c in played}
+    assert pair_agreement(pairs, problems, (), dialogues) == {"tutoring/accuracy": {"agree": 3}}
+    assert pair_agreement(pairs, problems) == {"tutoring/accuracy": {"tie": 3}}  # the turn alone: all ties
+    alone = candidates_batch(engine, pa.Table.from_pylist(probs), n=2, sampling={"temperature": 1.0, "seed": 1}).to_pylist()
+    assert all(c["dialogue"] is None for c in alone)
+    assert set(score_with_objectives(alone, problems, ["tutoring/accuracy"])["tutoring/accuracy"]) == {0.0}

@@ -11,9 +11,11 @@ from pipeline.tasks import TaskFamily
 
 
 def run_episodes(task: TaskFamily, problems: list[dict], engine, *, user=None, n: int = 1, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = -1, seed: int | None = 0, max_tokens: int | None = None) -> list[dict]:
+                 top_p: float = 1.0, top_k: int = -1, seed: int | None = 0, max_tokens: int | None = None,
+                 max_turns: int | None = None) -> list[dict]:
     """-> [{problem_id, task, sample, prompt, response, reference, meta}]; `response` is the text
-    (single-turn) or the messages after the prompt (dialogue)."""
+    (single-turn) or the messages after the prompt (dialogue). `max_turns` (default: the family's) caps the
+    policy turns, e.g. when the prompt already holds some."""
     sampling = {"max_tokens": max_tokens or task.max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
     metas = [json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"] for p in problems]
     # One seed per request, so a problem's samples do not depend on the batch it landed in.
@@ -27,7 +29,7 @@ def run_episodes(task: TaskFamily, problems: list[dict], engine, *, user=None, n
         raise ValueError(f"task {task.name} is multi-turn: pass the simulated user")
     eps = [{"problem_id": p["id"], "task": task.name, "sample": k, "prompt": p["prompt"], "dialogue": list(p["prompt"]),
             "reference": p["reference"], "meta": m} for p, m in zip(problems, metas) for k in range(n)]
-    for turn in range(task.max_turns):
+    for turn in range(task.max_turns if max_turns is None else max_turns):
         active = [e for e in eps if not (task.done and task.done(e["dialogue"], e["meta"]))]
         if not active:
             break

@@ -37,11 +37,15 @@ log = logging.getLogger(__name__)
 CANDIDATE_SCHEMA = pa.schema([
     pa.field("problem_id", pa.string()), pa.field("task", pa.string()), pa.field("prompt", pa.string()),
     pa.field("candidate", pa.int32()), pa.field("response", pa.string()), pa.field("steps", pa.list_(pa.string())),
+    # dialogue families whose objectives a judge pairs: the messages after the prompt (JSON), the candidate
+    # turn continued by the same policy and the simulated user to the episode's end; else null
+    pa.field("dialogue", pa.string()),
 ])
 
 
-def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict) -> pa.Table:
-    """One row per (problem, candidate); prompts stay JSON so dialogues of any shape fit one column."""
+def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict, continue_tasks: tuple = ()) -> pa.Table:
+    """One row per (problem, candidate); prompts stay JSON so dialogues of any shape fit one column.
+    Candidates of the dialogue families in `continue_tasks` are also played out (`continue_dialogues`)."""
     from pipeline.rollout.trajectories import family_parts
 
     rows = batch.to_pylist()
@@ -50,17 +54,46 @@ def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict) -> pa.T
     for r in rows:
         by_task[r["task"]].append(r)
     for task_name, probs in by_task.items():
-        task, _, split_obj, _, _ = family_parts(task_name)
+        task, _, split_obj, user, _ = family_parts(task_name)
         kw = {**sampling, "max_tokens": sampling.get("max_tokens") or task.max_tokens}
         seed = kw.pop("seed", 0)
         outs = engine.generate([p["prompt"] for p in probs], n=n, seeds=[stable_seed(seed, p["id"], "pairs") for p in probs], **kw)
-        for p, samples in zip(probs, outs):
-            for k, text in enumerate(samples):
-                text = text.strip()
-                steps = [text] if task.multi_turn else (split_obj.split(text) or [text])
-                out.append({"problem_id": p["id"], "task": task_name, "prompt": json.dumps(p["prompt"]), "candidate": k,
-                            "response": text, "steps": steps})
+        rows_t = [{"problem_id": p["id"], "task": task_name, "prompt": json.dumps(p["prompt"]), "candidate": k,
+                   "response": text.strip(), "steps": [text.strip()] if task.multi_turn else (split_obj.split(text.strip()) or [text.strip()]),
+                   "dialogue": None}
+                  for p, samples in zip(probs, outs) for k, text in enumerate(samples)]
+        if task.multi_turn and task_name in continue_tasks:
+            by_id = {p["id"]: p for p in probs}
+            for c, d in zip(rows_t, continue_dialogues(task, user, engine, [by_id[c["problem_id"]] for c in rows_t],
+                                                       [c["response"] for c in rows_t], sampling=kw, seed=seed,
+                                                       keys=[f"{c['problem_id']}#c{c['candidate']}" for c in rows_t])):
+                c["dialogue"] = json.dumps(d)
+        out += rows_t
     return pa.Table.from_pylist(out, schema=CANDIDATE_SCHEMA)
+
+
+def continue_dialogues(task, user, engine, problems: list[dict], turns: list[str], *, sampling: dict, seed: int,
+                       keys: list[str] | None = None) -> list[list[dict]]:
+    """Each candidate tutor turn played out to the episode's end: the simulated user replies, then the same
+    policy and the user take turns (the family's `done`, at most `max_turns` policy turns in all). -> the
+    messages after the prompt, starting with the candidate. A dialogue judge scores these: one Monte Carlo
+    sample of the turn's value under the policy, as MC step labelling values a step by its continuations
+    (a turn alone cannot be judged: the judges read the student's replies). `keys` name the candidates
+    for their seeds (default: problem id and position), so a dialogue does not depend on its batch."""
+    from pipeline.engines.episodes import run_episodes
+
+    metas = [json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"] for p in problems]
+    dialogues = [list(p["prompt"]) + [{"role": "assistant", "content": t}] for p, t in zip(problems, turns)]
+    for d, reply in zip(dialogues, user.reply_batch(dialogues, metas)):
+        d.append({"role": "user", "content": reply})
+    if task.max_turns > 1:
+        open_ = [i for i, (d, m) in enumerate(zip(dialogues, metas)) if not (task.done and task.done(d, m))]
+        keys = keys or [f"{p['id']}#c{i}" for i, p in enumerate(problems)]
+        probs = [{**problems[i], "id": keys[i], "prompt": dialogues[i]} for i in open_]
+        for i, e in zip(open_, run_episodes(task, probs, engine, user=user, seed=seed, max_turns=task.max_turns - 1,
+                                            **{k: v for k, v in sampling.items() if k in ("temperature", "top_p", "top_k", "max_tokens")})):
+            dialogues[i] = dialogues[i] + e["response"]
+    return [d[len(p["prompt"]):] for d, p in zip(dialogues, problems)]
 
 
 def aggregate(step_scores: list[float], how: str) -> float:
@@ -128,7 +161,8 @@ def prm_pairs_vs_judge(cands: list[dict], prm_scores: dict[str, list[float]], ju
 
 def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: list[str],
                           shared=()) -> dict[str, list[float]]:
-    """Scores from the tasks' own verifiers / judges (for objectives in score_with_objective), by objective id."""
+    """Scores from the tasks' own verifiers / judges (for objectives in score_with_objective), by objective id.
+    A dialogue candidate is judged on its played-out `dialogue` where it has one, else on its turn alone."""
     from pipeline.tasks import get_task
     from pipeline.objectives import build_objectives
 
@@ -146,17 +180,20 @@ def score_with_objectives(cands: list[dict], problems: dict[str, dict], names: l
             for i in idx:
                 p = problems[cands[i]["problem_id"]]
                 meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"]
-                resp = [{"role": "assistant", "content": cands[i]["response"]}] if task.multi_turn else cands[i]["response"]
+                resp = ((json.loads(cands[i]["dialogue"]) if cands[i].get("dialogue") else
+                         [{"role": "assistant", "content": cands[i]["response"]}]) if task.multi_turn else cands[i]["response"])
                 items.append({"prompt": p["prompt"], "response": resp, "reference": p["reference"], "meta": meta})
             for i, s in zip(idx, objs[name].score_batch(items)):
                 out[n][i] = float("nan") if s is None else float(s)
     return out
 
 
-def pair_agreement(pairs: list[dict], problems: dict[str, dict], shared=()) -> dict[str, dict[str, int]]:
+def pair_agreement(pairs: list[dict], problems: dict[str, dict], shared=(),
+                   dialogues: dict[tuple[str, str], str] | None = None) -> dict[str, dict[str, int]]:
     """Per task/objective, how the task's own verifier or judge sees the pairs the PRM chose:
     chosen scored higher (agree), equal (tie), lower (disagree), or not scorable. A check of
-    the PRM's pairs against the ground truth they stand in for."""
+    the PRM's pairs against the ground truth they stand in for. `dialogues` ((problem id, turn) -> the
+    played-out dialogue's JSON, from build_pairs' candidates) lets a dialogue judge see the student's replies."""
     from collections import Counter
 
     items, tasks = [], []
@@ -166,7 +203,8 @@ def pair_agreement(pairs: list[dict], problems: dict[str, dict], shared=()) -> d
         pid = p["id"][: -len(p["objective"]) - 1]  # cut by length: objective ids hold '/' and '-'
         task = problems[pid]["task"]
         tasks.append(task)
-        items += [{"problem_id": pid, "task": task, "response": p[k]} for k in ("chosen", "rejected")]
+        items += [{"problem_id": pid, "task": task, "response": p[k], "dialogue": (dialogues or {}).get((pid, p[k]))}
+                  for k in ("chosen", "rejected")]
     scores = score_with_objectives(items, problems, sorted({p["objective"] for p in pairs}), shared) if pairs else {}
     out: dict[str, Counter] = defaultdict(Counter)
     for k, (p, task) in enumerate(zip(pairs, tasks)):
@@ -196,12 +234,24 @@ def run_build_pairs(cfg) -> dict:
         problems_t, _ = read_records(cfg.problems, "problem")
         problems = {p["id"]: p for p in problems_t.to_pylist()}
         cand_file = out / "_candidates.parquet"
+        shared = check_shared(cfg.shared_objectives)
+        objectives_of_task = {t: list(get_task(t).objective_ids(shared).values())
+                              for t in set(problems_t.column("task").to_pylist())}
+        names = sorted({o for os_ in objectives_of_task.values() for o in os_})
+        by_verifier = [resolve_objective(n, names, "score_with_objective entry") for n in cfg.score_with_objective]
+        # dialogue families with a judge-paired objective: their candidate turns are played out to be judged
+        continue_tasks = tuple(sorted(t for t, os_ in objectives_of_task.items()
+                                      if get_task(t).multi_turn and set(os_) & set(by_verifier)))
         if cand_file.exists():
             cands_t = pq.read_table(cand_file)
             log.info("build_pairs: %d candidates from %s (delete it to sample again)", cands_t.num_rows, cand_file)
+            if continue_tasks and ("dialogue" not in cands_t.column_names or any(
+                    c["task"] in continue_tasks and not c["dialogue"] for c in cands_t.select(["task", "dialogue"]).to_pylist())):
+                raise ValueError(f"{cand_file}: candidates of {list(continue_tasks)} were not played out as dialogues, "
+                                 f"which score_with_objective {cfg.score_with_objective} needs; delete the file to sample again")
         else:
             ds = map_with_engine(ray.data.from_arrow(problems_t), cfg.engine, model_dir, candidates_batch,
-                                 n=cfg.n_candidates, sampling=cfg.sampling.model_dump())
+                                 n=cfg.n_candidates, sampling=cfg.sampling.model_dump(), continue_tasks=continue_tasks)
             cands_t = pa.concat_tables(list(progress.tracked(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
                                                              "candidates", problems_t.num_rows * cfg.n_candidates)))
             if cfg.prm:
@@ -213,10 +263,6 @@ def run_build_pairs(cfg) -> dict:
             pq.write_table(cands_t, tmp)
             tmp.replace(cand_file)
         cands = cands_t.to_pylist()
-        shared = check_shared(cfg.shared_objectives)
-        objectives_of_task = {t: list(get_task(t).objective_ids(shared).values()) for t in {c["task"] for c in cands}}
-        names = sorted({o for os_ in objectives_of_task.values() for o in os_})
-        by_verifier = [resolve_objective(n, names, "score_with_objective entry") for n in cfg.score_with_objective]
         how_of = resolve_keys(cfg.aggregate_per_objective, names, "aggregate_per_objective key")
         scores = {}
         prm_scores: dict[str, list[float]] = {}  # every objective the PRM scores, also those paired by a judge
