@@ -59,9 +59,8 @@ def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict, continu
         seed = kw.pop("seed", 0)
         outs = engine.generate([p["prompt"] for p in probs], n=n, seeds=[stable_seed(seed, p["id"], "pairs") for p in probs], **kw)
         rows_t = [{"problem_id": p["id"], "task": task_name, "prompt": json.dumps(p["prompt"]), "candidate": k,
-                   "response": text.strip(), "steps": [text.strip()] if task.multi_turn else (split_obj.split(text.strip()) or [text.strip()]),
-                   "dialogue": None}
-                  for p, samples in zip(probs, outs) for k, text in enumerate(samples)]
+                   "response": t, "steps": [t] if task.multi_turn else (split_obj.split(t) or [t]), "dialogue": None}
+                  for p, samples in zip(probs, outs) for k, t in enumerate(s.strip() for s in samples)]
         if task.multi_turn and task_name in continue_tasks:
             by_id = {p["id"]: p for p in probs}
             for c, d in zip(rows_t, continue_dialogues(task, user, engine, [by_id[c["problem_id"]] for c in rows_t],
@@ -73,27 +72,24 @@ def candidates_batch(engine, batch: pa.Table, *, n: int, sampling: dict, continu
 
 
 def continue_dialogues(task, user, engine, problems: list[dict], turns: list[str], *, sampling: dict, seed: int,
-                       keys: list[str] | None = None) -> list[list[dict]]:
+                       keys: list[str]) -> list[list[dict]]:
     """Each candidate tutor turn played out to the episode's end: the simulated user replies, then the same
     policy and the user take turns (the family's `done`, at most `max_turns` policy turns in all). -> the
     messages after the prompt, starting with the candidate. A dialogue judge scores these: one Monte Carlo
     sample of the turn's value under the policy, as MC step labelling values a step by its continuations
     (a turn alone cannot be judged: the judges read the student's replies). `keys` name the candidates
-    for their seeds (default: problem id and position), so a dialogue does not depend on its batch."""
+    for their seeds, so a dialogue does not depend on its batch."""
     from pipeline.engines.episodes import run_episodes
 
     metas = [json.loads(p["meta"]) if isinstance(p["meta"], str) else p["meta"] for p in problems]
     dialogues = [list(p["prompt"]) + [{"role": "assistant", "content": t}] for p, t in zip(problems, turns)]
     for d, reply in zip(dialogues, user.reply_batch(dialogues, metas)):
         d.append({"role": "user", "content": reply})
-    if task.max_turns > 1:
-        open_ = [i for i, (d, m) in enumerate(zip(dialogues, metas)) if not (task.done and task.done(d, m))]
-        keys = keys or [f"{p['id']}#c{i}" for i, p in enumerate(problems)]
-        probs = [{**problems[i], "id": keys[i], "prompt": dialogues[i]} for i in open_]
-        for i, e in zip(open_, run_episodes(task, probs, engine, user=user, seed=seed, max_turns=task.max_turns - 1,
-                                            **{k: v for k, v in sampling.items() if k in ("temperature", "top_p", "top_k", "max_tokens")})):
-            dialogues[i] = dialogues[i] + e["response"]
-    return [d[len(p["prompt"]):] for d, p in zip(dialogues, problems)]
+    # run_episodes skips the dialogues already done and plays the rest for the turns left
+    eps = run_episodes(task, [{**p, "id": k, "prompt": d} for p, k, d in zip(problems, keys, dialogues)], engine,
+                       user=user, seed=seed, max_turns=task.max_turns - 1,
+                       **{k: v for k, v in sampling.items() if k in ("temperature", "top_p", "top_k", "max_tokens")})
+    return [d[len(p["prompt"]):] + e["response"] for d, p, e in zip(dialogues, problems, eps)]
 
 
 def aggregate(step_scores: list[float], how: str) -> float:
