@@ -308,7 +308,8 @@ def console_job(log_path: str | Path, progress_path: str | Path, name: str = "ma
     """The driver's output to `log_path`, a Console on the terminal, $MAHALO_PROGRESS_FILE set to
     `progress_path` (set it before Ray starts: workers inherit it); all restored on exit."""
     global _active
-    log_path, progress_path = Path(log_path), Path(progress_path)
+    # absolute: workers and this job's own code may change directory while the tail thread reads
+    log_path, progress_path = Path(log_path).resolve(), Path(progress_path).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     progress_path.parent.mkdir(parents=True, exist_ok=True)
     progress_path.write_text("")  # this job's reports only
@@ -330,7 +331,7 @@ def console_job(log_path: str | Path, progress_path: str | Path, name: str = "ma
     os.dup2(logf.fileno(), 2)
     sys.stdout = sys.stderr = logf
     root.handlers = [to_file, _ConsoleHandler(console)]
-    os.environ[ENV] = str(Path(progress_path).resolve())  # workers run in other directories
+    os.environ[ENV] = str(progress_path)  # workers run in other directories
     _active = console
     tail = threading.Thread(target=_tail, args=(console, progress_path, stop, poll_s), name="progress-tail",
                             daemon=True)
