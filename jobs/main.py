@@ -168,7 +168,9 @@ def run_main(cfg: MainJobConfig) -> dict:
 
     pairs = stages.run("build_pairs", pairs_stage,
                        config={**sizes("pair_problems", "pair_candidates", "min_margin", "score_with_objective"),
-                               "shared_objectives": shared, "engine": cfg.engine, "dpo": cfg.dpo},
+                               "shared_objectives": shared, "engine": cfg.engine,
+                               # the reference log-probs' settings only: a DPO loss knob does not redo the pairs
+                               "dpo": cfg.dpo.model_dump(include={"max_length", "max_prompt_length", "ref_dtype"})},
                        inputs=["tasks", "sft", "fit_prm"], outputs=[run / "pairs"])
 
     def policy_stage(method: str) -> dict:
