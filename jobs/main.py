@@ -31,6 +31,7 @@ from pipeline.progress import console_job, reported, say
 from pipeline.runtime import init_ray
 from pipeline.stages import StageRunner, write_report
 from pipeline.tasks import TASKS, check_shared, objective_ids, write_builtin
+from pipeline.train.harness import BEST, EVAL_METRICS, read_metrics
 from pipeline.train.sft import run_sft
 
 
@@ -190,7 +191,11 @@ def run_main(cfg: MainJobConfig) -> dict:
             soup_together=cfg.soup_together and method == "soup",
             dpo=cfg.dpo, train=cfg.policy_train.model_copy(update={"storage_path": storage}), ray=cfg.ray))
         used = json.loads((out / "pairs_used.json").read_text())
-        return {name: {"model_dir": r.export_dir, "steps": r.step, "pairs_used": used,
+        # policy_train.best_metric set: the model kept where the held-out metric was best (early stopping by
+        # selection) is the one evaluated and served; best: its step and value; held_out: every evaluation
+        return {name: {"model_dir": r.best_dir or r.export_dir, "steps": r.step, "pairs_used": used,
+                       "best": json.loads((Path(r.log_dir) / BEST).read_text()) if r.best_dir else None,
+                       "held_out": read_metrics(r.log_dir, EVAL_METRICS),
                        "metrics": {k: v for k, v in r.metrics.items() if k.startswith("eval/")}} for name, r in res.items()}
 
     policies = {}
@@ -373,8 +378,18 @@ def policies_section(policies: dict) -> str:
                     "repeats per epoch (cycle)", "held out"], rows)
     keys = sorted({k for _, r in fits for k in r["metrics"]})
     if keys:
-        out += "\n\nHeld-out DPO metrics:\n\n" + md_table(
+        out += "\n\nHeld-out DPO metrics at the last step:\n\n" + md_table(
             ["metric", *(n for n, _ in fits)], [[k, *(r["metrics"].get(k, "-") for _, r in fits)] for k in keys])
+    curves = [(n, r) for n, r in fits if r.get("held_out")]
+    if curves:  # the held-out preference loss along the fit, and the step the evaluated model was kept at
+        out += ("\n\nThe held-out preference (DPO) loss along each fit (0.693: the untrained policy); the model "
+                "evaluated is the one kept at the marked step (`policy_train.best_metric`), else the last:\n\n")
+        for n, r in curves:
+            best = (r.get("best") or {}).get("step")
+            pts = ", ".join(f"{'**' if e['step'] == best else ''}step {e['step']}: "
+                            f"{e.get('eval/dpo_loss', e.get('eval/loss', float('nan'))):.3f}{'**' if e['step'] == best else ''}"
+                            for e in r["held_out"])
+            out += f"- {n}: {pts}" + (f" (kept: step {best})" if best is not None else " (kept: the last step)") + "\n"
     return out
 
 
@@ -397,7 +412,7 @@ def prm_pairs_cell(pairs: dict, key: str, judged: bool, agreement: dict) -> str:
 
 def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, ev, served) -> dict[str, str]:
     from pipeline.eval.findings import findings
-    from pipeline.eval.report import steering_examples, table, verdicts_section
+    from pipeline.eval.report import repetition_section, steering_examples, table, verdicts_section
     from pipeline.train.prm_metrics import baseline_table
 
     m = sft["metrics"]
@@ -406,9 +421,11 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
     def by_verifier(key: str) -> bool:  # an agreement key ("task/name") paired by its own verifier / judge
         return any(key in (e, f"{key.split('/', 1)[0]}/{e}") for e in cfg.sizes.score_with_objective)
     prm_m = {k[len("eval/"):]: round(v, 4) for k, v in prm["metrics"].items() if k.startswith("eval/")}
+    rep = repetition_section(ev["responses"]) if ev.get("responses") else "no responses saved"
     sections = {
-        # the verdicts first: what a reader came for
-        "The paper's findings in miniature": verdicts_section(found),
+        # the verdicts first: what a reader came for; then whether a policy degenerated (the repetition's first line)
+        "The paper's findings in miniature": verdicts_section(found) + (
+            "\n\n" + rep.split("\n", 1)[0] if ev.get("responses") else ""),
         "SFT": f"{sft['steps']} optimizer steps; final train loss {m.get('loss', float('nan')):.4f}, "
                f"held-out loss {m.get('eval/loss', float('nan')):.4f}. Model: `{sft['model_dir']}`.",
         "Objectives": objectives_section(cfg, labels),
@@ -438,6 +455,7 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
         "Evaluation": table(ev["rows"]) + "\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]),
         "Steering examples": steering_examples(ev["responses"]) if ev.get("responses")
         else "not saved by this run's evaluation (an evaluation from before responses were saved)",
+        "Repetition": rep,
     }
     sections["Why, from this run's data"] = diagnosis(ev["rows"], {k: v for k, v in agreement.items() if not by_verifier(k)},
                                                       policies, pairs)

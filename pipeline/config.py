@@ -94,6 +94,10 @@ class TrainConfig(Strict):
     seed: int = 0
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps
+    # Held-out evaluation (and best_metric's copy) every this many optimizer steps, between checkpoints too:
+    # a fit with few checkpoints still keeps the model where its held-out loss was lowest (early stopping by
+    # selection, as transformers' load_best_model_at_end with eval_steps). None: at checkpoints only.
+    eval_every: int | None = Field(None, ge=1)
     # Optimizer steps after which the model is also exported to <export dir>_step<N> (a learning curve's
     # snapshots: scripts/sft_curve.py); the final export is always made.
     export_steps: list[int] = Field(default_factory=list)
@@ -109,7 +113,8 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=-1)
     gradient_checkpointing: bool = False
     # Keep a copy of the model with the best held-out value of this metric (e.g. "eval/loss") in
-    # <export dir>_best; each evaluation (at every checkpoint) may replace it.
+    # <export dir>_best (its step and value: <log dir>/best.json); each evaluation (at every checkpoint
+    # and every eval_every steps) may replace it. Held-out metrics per evaluation: <log dir>/eval_metrics.jsonl.
     best_metric: str | None = None
     best_mode: Literal["min", "max"] = "min"
     # Where Ray Train keeps checkpoints: a local path, NFS or a cloud URI (s3://...).
@@ -279,6 +284,8 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)  # the paper's value in every domain
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo: on length-averaged log-probs, as TRL (docs/policy.md)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO; sigmoid loss only
+    # RPO: + rpo_alpha x the chosen response's NLL per token (TRL's name; its paper uses 1.0). None: plain DPO
+    rpo_alpha: float | None = Field(None, ge=0)
     max_length: int = Field(512, ge=8)
     # over-long pairs drop whole earliest prompt turns down to this; a pair whose last user turn alone
     # does not fit is refused and counted (<output_dir>/tokenization.json), never cut mid-turn

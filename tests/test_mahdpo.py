@@ -9,7 +9,7 @@ import torch
 
 from pipeline.models.multihead import IncompleteCheckpointError, MultiHeadPolicy, load_checked, validate_weights
 from pipeline.models.logps import sequence_logps
-from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss
+from pipeline.train.dpo_losses import dpo_loss, modpo_loss, per_head_loss, rpo_nll
 
 
 def test_dpo_losses_against_hand_computed_values():
@@ -29,6 +29,35 @@ def test_dpo_losses_against_hand_computed_values():
     # per-head weighting: mean within a head, weighted mean over the heads present
     total, _ = per_head_loss(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([0, 0, 2]), [1.0, 5.0, 3.0])
     assert total.item() == pytest.approx((1 * 2 + 3 * 10) / 4)
+
+
+def test_rpo_adds_the_chosen_nll_per_token_under_each_pairs_head():
+    """RPO (dpo.rpo_alpha): each pair's DPO loss + alpha x -log pi(chosen) / its token count, averaged per head
+    like the DPO term; the DPO term alone is logged as dpo_loss and per objective as <o>/loss."""
+    from types import SimpleNamespace
+
+    from pipeline.train.mahdpo import mahdpo_loss
+
+    assert rpo_nll(torch.tensor([-10.0, -3.0]), torch.tensor([4, 0])).tolist() == [2.5, 3.0]  # no tokens: /1
+    logps = torch.tensor([-8.0, -6.0, -9.0, -12.0, -7.0, -10.0])  # chosen of pairs 0-2, then their rejected
+    labels = torch.full((6, 5), -100)
+    for row, n in enumerate([4, 2, 3, 4, 2, 3]):  # completion tokens per row (after the causal shift)
+        labels[row, 5 - n:] = 1
+    batch = {"head": torch.tensor([0, 1, 1]), "objective_id": torch.tensor([0, 1, 1]), "input_ids": torch.zeros(6, 5),
+             "attention_mask": torch.ones(6, 5), "labels": labels, "ref_chosen": torch.tensor([-8.5, -6.5, -9.0]),
+             "ref_rejected": torch.tensor([-11.0, -7.0, -9.5]), "modpo_scale": torch.full((3,), float("nan")),
+             "modpo_margin": torch.full((3,), float("nan"))}
+    model = lambda **kw: SimpleNamespace(logps=logps)  # noqa: E731 - the loss reads only .logps
+    kw = dict(objectives=["a", "b"], head_weights=[1.0, 1.0], beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+              ref_model="-", ref_dtype="float32")
+    plain, m0 = mahdpo_loss(model, batch, **kw)
+    rpo, m1 = mahdpo_loss(model, batch, rpo_alpha=0.5, **kw)
+    dpo, _, _ = dpo_loss(logps[:3], logps[3:], batch["ref_chosen"], batch["ref_rejected"], 0.1)
+    nll = torch.tensor([8 / 4, 6 / 2, 9 / 3])
+    assert plain.item() == pytest.approx((dpo[0] + dpo[1:].mean()).item() / 2)
+    assert rpo.item() == pytest.approx(((dpo[0] + 0.5 * nll[0]) + (dpo[1:] + 0.5 * nll[1:]).mean()).item() / 2)
+    assert m1["dpo_loss"].item() == pytest.approx(plain.item()) and m0["dpo_loss"].item() == pytest.approx(plain.item())
+    assert m1["b/chosen_nll"].item() == pytest.approx(3.0) and m1["a/loss"].item() == pytest.approx(dpo[0].item())
 
 
 def test_sequence_logps_sum_only_labelled_tokens():
@@ -388,6 +417,12 @@ def test_soup_members_train_independently_and_export_each(tmp_path, tiny_model_d
     a = MultiHeadPolicy.load(tmp_path / "a" / "model")
     assert a.objectives == ["a"] and torch.equal(a.heads, soup.members[0].heads.detach())
     assert all(torch.equal(x, y) for x, y in zip(before, MultiHeadPolicy.load(tmp_path / "b" / "model").parameters()))
+    # the held-out-best export (model_best) goes beside each member's final model, not over it
+    with torch.no_grad():
+        soup.members[0].heads.add_(1.0)
+    export_soup(soup, soup.state_dict(), str(tmp_path / "model_best"), tiny_model_dir)
+    assert torch.equal(MultiHeadPolicy.load(tmp_path / "a" / "model_best").heads, soup.members[0].heads)
+    assert torch.equal(MultiHeadPolicy.load(tmp_path / "a" / "model").heads, a.heads)
 
 
 @pytest.mark.slow
@@ -436,10 +471,22 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
               "--train.tracker.kind", "none", "--train.lr", "1e-3", "--train.bf16", "false"]
     res = fit_policy(common + ["--output_dir", str(tmp_path / "policy"), "--data.eval_fraction", "0.2",
                                "--train.num_workers", "2", "--train.micro_batch_size", "2", "--train.max_steps", "6",
-                               "--train.epochs", "5", "--train.checkpoint_every", "6"])["mahdpo"]
+                               "--train.epochs", "5", "--train.checkpoint_every", "6", "--dpo.rpo_alpha", "1.0",
+                               "--train.eval_every", "2", "--train.best_metric", "eval/dpo_loss"])["mahdpo"]
     logged = read_metrics(str(tmp_path / "policy" / "logs"))
-    assert {"concision/loss", "thoroughness/reward_accuracy", "concision/margin"} <= set(logged[-1])
+    assert {"concision/loss", "thoroughness/reward_accuracy", "concision/margin", "concision/chosen_nll",
+            "dpo_loss"} <= set(logged[-1])
     assert "eval/concision/reward_accuracy" in res.metrics
+    # held out every 2 steps (6: the end's, with the checkpoint), each logged once; the best kept with its step
+    from pipeline.train.harness import BEST, EVAL_METRICS
+
+    held = read_metrics(str(tmp_path / "policy" / "logs"), EVAL_METRICS)
+    assert [e["step"] for e in held] == [2, 4, 6] and all("eval/dpo_loss" in e for e in held)
+    best = json.loads((tmp_path / "policy" / "logs" / BEST).read_text())
+    assert best["value"] == min(e["eval/dpo_loss"] for e in held) and best["metric"] == "eval/dpo_loss"
+    assert best["step"] == min(held, key=lambda e: e["eval/dpo_loss"])["step"]
+    assert res.best_dir == str(tmp_path / "policy" / "model") + "_best"
+    MultiHeadPolicy.load(res.best_dir)
     policy = MultiHeadPolicy.load(tmp_path / "policy" / "model")
     assert policy.objectives == ["concision", "thoroughness"]
     assert not torch.equal(policy.heads[0], policy.heads[1])

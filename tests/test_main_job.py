@@ -23,7 +23,8 @@ def test_main_job_quick_profile_end_to_end_and_resume(tmp_path, ray_session):
     for needle in ("Time per stage", "The paper's findings in miniature", "**F1**", "**F4**", "Serve check",
                    "pareto_math_word.png", "| objective | steps | AUROC (+- SE) |", "task's own verifier / judge",
                    "Why, from this run's data", "- Floor: the SFT policy scores 0 on", "MODPO",
-                   "Shared objectives: none", "| math_word/accuracy | math_word | soft |", "| tutoring/accuracy | tutoring | hard |"):
+                   "Shared objectives: none", "| math_word/accuracy | math_word | soft |", "| tutoring/accuracy | tutoring | hard |",
+                   "mean seq-rep-4", "far more than sft (looping share", "The held-out preference (DPO) loss along each fit"):
         assert needle in report, needle
     # one PRM output and one policy head per family's objective (none declared shared)
     ids = ["assistant/concision", "assistant/thoroughness", "math_word/accuracy", "math_word/engagement",

@@ -254,6 +254,28 @@ def steering_examples(responses, k: int = 3, mah: str = "MAH-DPO", sft: str = "s
     return "\n".join(md).rstrip() + "\n"
 
 
+def repetition_section(responses, base: str = "sft") -> str:
+    """Markdown: seq-rep-4 per evaluated point (pipeline.eval.repetition) and a line naming the points whose
+    share of looping responses exceeds the base policy's by 0.2 or more (a degenerate policy)."""
+    from pipeline.eval.repetition import LOOPING, degenerate, repetition_table
+
+    t = repetition_table(_load_responses(responses))
+    if not t:
+        return "No responses to measure."
+    bad = degenerate(t, base)
+    head = (f"**Degenerate:** {len(bad)} of {len(t)} evaluated points loop far more than {base} (looping share >= "
+            f"{base}'s + 0.2 on the same task): " + "; ".join(
+                f"{r['policy']} ({weights_text(r['weights'])}, {r['decoding']}) on {r['task']}: {r['looping']:.2f}"
+                for r in bad[:8]) + ("; ..." if len(bad) > 8 else "") + "." if bad else
+            f"No evaluated point loops far more than {base} (looping share >= {base}'s + 0.2).")
+    lines = [head, "", f"seq-rep-4: the share of a response's word 4-grams that repeat an earlier one (a dialogue: "
+             f"its assistant turns); looping: responses at >= {LOOPING}.", "",
+             "| policy | weights | decoding | task | n | mean seq-rep-4 | looping |", "|---|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['policy']} | {weights_text(r['weights'])} | {r['decoding']} | {r['task']} | {r['n']} | "
+              f"{r['mean']:.3f} | {r['looping']:.2f} |" for r in t]
+    return "\n".join(lines)
+
+
 def _end(weights: str) -> str:
     """The objective a sweep end puts all its weight on."""
     w = json.loads(weights)
@@ -275,7 +297,8 @@ def write(rows: list[dict], out_dir: str | Path) -> dict:
     md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     responses = out / "responses.parquet"  # written by evaluate() into the same folder
     if responses.exists():
-        md += ["", "## Steering examples", "", steering_examples(str(responses))]
+        md += ["", "## Steering examples", "", steering_examples(str(responses)),
+               "", "## Repetition", "", repetition_section(str(responses))]
     (out / "eval.md").write_text("\n".join(md) + "\n")
     return {"parquet": str(out / "scores.parquet"), "markdown": str(out / "eval.md"), "plots": [str(p) for p in pngs],
             "fronts": fr, "responses": str(responses) if responses.exists() else None}

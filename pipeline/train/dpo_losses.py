@@ -6,6 +6,12 @@
              (TRL's convention: length-averaged log-probs, so beta means what it means in TRL)
 Rewards (logged) are beta (log pi - log pi_ref) of chosen and rejected (length-averaged for ipo).
 
+RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's `rpo_alpha`): each pair's loss
+plus alpha times the chosen response's negative log-likelihood per token, -log pi(y_w) / |y_w|, under the
+pair's head. It holds up the chosen responses' likelihood, which plain DPO lets fall with the rejected's
+(a policy that then drifts into text neither response had: loops). TRL averages the NLL over all chosen
+tokens of the batch; here per pair, so it is averaged per head like the DPO term.
+
 MODPO (Zhou et al. 2024), for a weight vector w and a pair of objective k whose responses are
 also scored on the other objectives (r_j, j != k):
     -log sigma((beta h - sum_{j != k} w_j (r_j(y_w) - r_j(y_l))) / w_k)
@@ -38,6 +44,11 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float, lo
     else:
         raise ValueError(f"loss_type {loss_type!r}: use one of {LOSS_TYPES}")
     return loss, beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
+
+
+def rpo_nll(pol_chosen: torch.Tensor, n_chosen: torch.Tensor) -> torch.Tensor:
+    """Per-pair NLL of the chosen completion per token (RPO's term; `n_chosen`: its token counts)."""
+    return -pol_chosen / n_chosen.to(pol_chosen.device, pol_chosen.dtype).clamp(min=1)
 
 
 def completion_lengths(labels: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,7 @@ class FitResult:
     checkpoint: str | None
     export_dir: str | None
     log_dir: str
+    best_dir: str | None = None  # <export_dir>_best, when best_metric kept one (its step: <log_dir>/best.json)
 
 
 def _identity(spec: TrainSpec) -> dict:
@@ -293,6 +294,7 @@ def _train_loop(config: dict) -> None:
         dropped = truncate_metrics(os.path.join(log_dir, "metrics.jsonl"), state["step"])
         if dropped:
             _say(f"[train] {dropped} metric line(s) after step {state['step']} removed: those steps are redone")
+        truncate_metrics(os.path.join(log_dir, EVAL_METRICS), state["step"])
     tracker = Tracker(cfg.tracker, config["run_name"], os.path.join(log_dir, "tb"), spec.params,
                       resume_step=state["step"]) if rank == 0 else None
     metrics_file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if rank == 0 else None
@@ -319,14 +321,25 @@ def _train_loop(config: dict) -> None:
             spec.export(engine.module, sd, out_dir)
             _say(f"[train] exported to {out_dir}")
 
+    def evaluate(metrics: dict) -> None:
+        """Held-out metrics into `metrics` (logged to eval_metrics.jsonl); the best model kept."""
+        ev = _evaluate(engine, spec, eval_shard, cfg)
+        metrics.update(ev)
+        if rank == 0:
+            with open(Path(log_dir, EVAL_METRICS), "a") as f:
+                f.write(json.dumps({"step": step, **ev}) + "\n")
+            tracker.log(ev, step)
+        v = metrics.get(cfg.best_metric) if cfg.best_metric else None
+        if v is not None and config["export_dir"] and spec.export is not None and math.isfinite(v) and (
+                best["value"] is None or (v < best["value"] if cfg.best_mode == "min" else v > best["value"])):
+            best["value"] = v
+            export(config["export_dir"] + "_best")
+            if rank == 0:
+                Path(log_dir, BEST).write_text(json.dumps({"step": step, "metric": cfg.best_metric, "value": v}))
+
     def save_and_report(metrics: dict, micro_in_epoch: int, epoch: int, checkpoint: bool = True) -> None:
         if eval_shard is not None:
-            metrics.update(_evaluate(engine, spec, eval_shard, cfg))
-            v = metrics.get(cfg.best_metric) if cfg.best_metric else None
-            if v is not None and config["export_dir"] and spec.export is not None and math.isfinite(v) and (
-                    best["value"] is None or (v < best["value"] if cfg.best_mode == "min" else v > best["value"])):
-                best["value"] = v
-                export(config["export_dir"] + "_best")
+            evaluate(metrics)
         if rank == 0:  # the last report's metrics for fit(): Ray Train's Result keeps only a checkpoint's
             Path(log_dir, FINAL_METRICS).write_text(json.dumps(metrics))
         if not checkpoint:  # the end of a fit whose export is its result (checkpoint_at_end: false)
@@ -393,6 +406,9 @@ def _train_loop(config: dict) -> None:
                 bar.update(1)
             if step in cfg.export_steps and not done and config["export_dir"] and spec.export is not None:
                 export(f"{config['export_dir']}_step{step}")
+            if (cfg.eval_every and step % cfg.eval_every == 0 and eval_shard is not None
+                    and not (step % cfg.checkpoint_every == 0 or done)):  # those evaluate in save_and_report
+                evaluate({})
             if step % cfg.checkpoint_every == 0 or done:
                 save_and_report({"step": step, **last_metrics}, micro, epoch,
                                 checkpoint=step % cfg.checkpoint_every == 0 or cfg.checkpoint_at_end)
@@ -416,6 +432,8 @@ def _train_loop(config: dict) -> None:
 
 
 FINAL_METRICS = "final_metrics.json"  # in log_dir: the last reported metrics of a fit
+EVAL_METRICS = "eval_metrics.jsonl"  # in log_dir: {"step", "eval/...": ...} per held-out evaluation
+BEST = "best.json"  # in log_dir: {"step", "metric", "value"} of the model kept in <export_dir>_best
 
 
 def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num_train_rows: int,
@@ -452,7 +470,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
         dataset_config=DataConfig(datasets_to_split="all"),
     )
     final = Path(log_dir) / FINAL_METRICS
-    final.unlink(missing_ok=True)  # an earlier fit's, in the same log_dir
+    for f in (final, Path(log_dir) / BEST):
+        f.unlink(missing_ok=True)  # an earlier fit's, in the same log_dir
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -460,8 +479,9 @@ def fit(spec: TrainSpec, cfg: TrainConfig, datasets: dict, *, run_name: str, num
     # the last report's metrics (rank 0 wrote them): Result.metrics holds only the last checkpoint's, and
     # a fit with checkpoint_at_end false may end with no checkpoint at all
     metrics = json.loads(final.read_text()) if final.exists() else (result.metrics or {})
+    best = f"{export_dir}_best" if export_dir and (Path(log_dir) / BEST).exists() else None
     return FitResult(step=metrics.get("step", total_steps), metrics=metrics,
-                     checkpoint=ckpt.path if ckpt else None, export_dir=export_dir, log_dir=log_dir)
+                     checkpoint=ckpt.path if ckpt else None, export_dir=export_dir, log_dir=log_dir, best_dir=best)
 
 
 REPORTED = ".reported-rank"  # + rank: that rank's checkpoint files are fully uploaded
@@ -501,9 +521,10 @@ def truncate_metrics(path: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
-def read_metrics(log_dir: str) -> list[dict]:
-    """Per-step metrics the harness logged (the last entry wins for a step logged twice)."""
-    p = Path(log_dir) / "metrics.jsonl"
+def read_metrics(log_dir: str, name: str = "metrics.jsonl") -> list[dict]:
+    """Per-step metrics the harness logged (the last entry wins for a step logged twice); name EVAL_METRICS:
+    the held-out evaluations."""
+    p = Path(log_dir) / name
     rows = {}
     for line in p.read_text().splitlines() if p.exists() else []:
         r = json.loads(line)

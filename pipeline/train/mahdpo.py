@@ -38,7 +38,7 @@ from pipeline.models.logps import causal_lm_logps
 from pipeline.models.multihead import MultiHeadPolicy, load_checked
 from pipeline.models.precision import dtype_name
 from pipeline.models.tokenize import TOKENIZATION, encode_pair
-from pipeline.train.dpo_losses import completion_lengths, dpo_loss, modpo_loss, per_head_loss
+from pipeline.train.dpo_losses import completion_lengths, dpo_loss, modpo_loss, per_head_loss, rpo_nll
 from pipeline.train.harness import FitResult, TrainSpec, check_whole, whole_models
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ def reference_logps(model_dir: str, dtype: str, batch: dict) -> torch.Tensor:
 
 
 def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float], beta: float, loss_type: str,
-                label_smoothing: float, ref_model: str, ref_dtype: str, padding_free: bool = False):
+                label_smoothing: float, ref_model: str, ref_dtype: str, padding_free: bool = False,
+                rpo_alpha: float | None = None):
     n = batch["head"].numel()
     heads = batch["head"]
     # chosen and rejected in one forward; only their completion tokens are projected on the vocabulary
@@ -149,21 +150,23 @@ def mahdpo_loss(model, batch, *, objectives: list[str], head_weights: list[float
     if torch.isnan(ref_c).any() or torch.isnan(ref_r).any():
         r = reference_logps(ref_model, ref_dtype, batch)
         ref_c, ref_r = r[:n], r[n:]
+    n_tok = completion_lengths(batch["labels"])  # ipo averages log-probs over completion tokens (TRL); RPO too
     if torch.isnan(batch["modpo_scale"]).any():
-        n_tok = completion_lengths(batch["labels"])  # ipo averages log-probs over completion tokens (TRL)
         losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, loss_type, label_smoothing,
                                   lengths=(n_tok[:n], n_tok[n:]))
     else:
         losses, rc, rr = modpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta, batch["modpo_scale"].to(logps.device),
                                     batch["modpo_margin"].to(logps.device), label_smoothing)
-    total, _ = per_head_loss(losses, heads, head_weights)
-    metrics = {}
+    nll = rpo_nll(logps[:n].detach() if not rpo_alpha else logps[:n], n_tok[:n])  # logged either way
+    total, _ = per_head_loss(losses + rpo_alpha * nll if rpo_alpha else losses, heads, head_weights)
+    # the preference term alone (eval/dpo_loss: where the held-out preference fit turns, RPO or not)
+    metrics = {"dpo_loss": per_head_loss(losses.detach(), heads, head_weights)[0] if rpo_alpha else total.detach()}
     for j in torch.unique(batch["objective_id"]).tolist():
         m = batch["objective_id"] == j
-        o = objectives[j]
+        o = objectives[j]  # {o}/loss: the DPO term alone
         metrics.update({f"{o}/loss": losses[m].mean().detach(), f"{o}/reward_accuracy": (rc[m] > rr[m]).float().mean(),
                         f"{o}/margin": (rc[m] - rr[m]).mean(), f"{o}/chosen_reward": rc[m].mean(),
-                        f"{o}/rejected_reward": rr[m].mean()})
+                        f"{o}/rejected_reward": rr[m].mean(), f"{o}/chosen_nll": nll[m].mean().detach()})
     return total, metrics
 
 
@@ -206,11 +209,13 @@ class SoupMembers(torch.nn.Module):
 
 
 def export_soup(module: SoupMembers, state_dict: dict, out_dir: str, tokenizer_dir: str) -> None:
-    """Each member as its own policy: <output_dir>/<objective>/model."""
+    """Each member as its own policy: <output_dir>/<objective>/<name> for out_dir <output_dir>/<name> (model,
+    model_best, model_step<n>: the best or an intermediate export does not overwrite the final members)."""
+    out = Path(out_dir)
     for j, m in enumerate(module.members):
         prefix = f"members.{j}."
         sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        m.save(Path(out_dir).parent / m.objectives[0] / "model", tokenizer=_tokenizer(tokenizer_dir), state_dict=sd)
+        m.save(out.parent / m.objectives[0] / out.name, tokenizer=_tokenizer(tokenizer_dir), state_dict=sd)
 
 
 def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf16: bool, params: dict | None = None,
@@ -226,7 +231,7 @@ def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf1
         loss=functools.partial(mahdpo_loss, objectives=objectives,
                                head_weights=[dpo.loss_weights.get(h, 1.0) for h in heads], beta=dpo.beta,
                                loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing, ref_model=model_dir,
-                               ref_dtype=dpo.ref_dtype, padding_free=dpo.padding_free),
+                               ref_dtype=dpo.ref_dtype, padding_free=dpo.padding_free, rpo_alpha=dpo.rpo_alpha),
         export=functools.partial(export_soup if soup else export_policy, tokenizer_dir=model_dir),
         params=params or {},
         setup=functools.partial(load_reference, model_dir, dpo.ref_dtype) if needs_reference else None,
@@ -398,7 +403,8 @@ def run_fit_policy(cfg) -> dict[str, FitResult]:
             import dataclasses
 
             for o in objectives:
-                results[o] = dataclasses.replace(r, export_dir=str(out / o / "model"))
+                results[o] = dataclasses.replace(r, export_dir=str(out / o / "model"),
+                                                 best_dir=str(out / o / "model_best") if r.best_dir else None)
         else:
             results[name or cfg.method] = r
     return results
