@@ -421,11 +421,10 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
     def by_verifier(key: str) -> bool:  # an agreement key ("task/name") paired by its own verifier / judge
         return any(key in (e, f"{key.split('/', 1)[0]}/{e}") for e in cfg.sizes.score_with_objective)
     prm_m = {k[len("eval/"):]: round(v, 4) for k, v in prm["metrics"].items() if k.startswith("eval/")}
-    rep = repetition_section(ev["responses"]) if ev.get("responses") else "no responses saved"
+    rep = repetition_section(ev["responses"]) if ev.get("responses") else None
     sections = {
         # the verdicts first: what a reader came for; then whether a policy degenerated (the repetition's first line)
-        "The paper's findings in miniature": verdicts_section(found) + (
-            "\n\n" + rep.split("\n", 1)[0] if ev.get("responses") else ""),
+        "The paper's findings in miniature": verdicts_section(found) + ("\n\n" + rep.split("\n", 1)[0] if rep else ""),
         "SFT": f"{sft['steps']} optimizer steps; final train loss {m.get('loss', float('nan')):.4f}, "
                f"held-out loss {m.get('eval/loss', float('nan')):.4f}. Model: `{sft['model_dir']}`.",
         "Objectives": objectives_section(cfg, labels),
@@ -455,7 +454,7 @@ def report_sections(cfg, sft, rollout, labels, prm, pairs, agreement, policies, 
         "Evaluation": table(ev["rows"]) + "\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]),
         "Steering examples": steering_examples(ev["responses"]) if ev.get("responses")
         else "not saved by this run's evaluation (an evaluation from before responses were saved)",
-        "Repetition": rep,
+        "Repetition": rep or "no responses saved",
     }
     sections["Why, from this run's data"] = diagnosis(ev["rows"], {k: v for k, v in agreement.items() if not by_verifier(k)},
                                                       policies, pairs)

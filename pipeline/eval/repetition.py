@@ -14,15 +14,24 @@ from collections import defaultdict
 LOOPING = 0.5  # seq-rep-4 at or above this: half the response's 4-grams repeat earlier ones
 
 
-def policy_text(response: str) -> str:
-    """The policy's words in a stored response: the text itself, or a dialogue's (JSON messages) assistant turns."""
+def stored_messages(response: str) -> list[dict] | None:
+    """A stored response's dialogue messages (evaluate() stores a dialogue as JSON messages), else None."""
     try:
         msgs = json.loads(response)
     except ValueError:
-        return response
-    if isinstance(msgs, list) and all(isinstance(m, dict) and "content" in m for m in msgs):
+        return None
+    return msgs if isinstance(msgs, list) and all(isinstance(m, dict) and "content" in m for m in msgs) else None
+
+
+def policy_text(response: str) -> str:
+    """The policy's words in a stored response: the text itself, or a dialogue's assistant turns."""
+    msgs = stored_messages(response)
+    if msgs is not None:
         return " ".join(str(m["content"]) for m in msgs if m.get("role") == "assistant")
-    return response if not isinstance(msgs, str) else msgs
+    try:  # a response stored as a JSON string
+        return s if isinstance(s := json.loads(response), str) else response
+    except ValueError:
+        return response
 
 
 def seq_rep(text: str, n: int = 4) -> float:

@@ -193,11 +193,10 @@ def _clip(text: str, width: int) -> str:
 
 def _show(response: str, width: int) -> str:
     """A response as text: a dialogue (JSON messages) as 'role: content' lines."""
-    try:
-        msgs = json.loads(response)
-    except ValueError:
-        msgs = None
-    if isinstance(msgs, list) and all(isinstance(m, dict) and "content" in m for m in msgs):
+    from pipeline.eval.repetition import stored_messages
+
+    msgs = stored_messages(response)
+    if msgs is not None:
         response = "\n".join(f"{m.get('role', '?')}: {m['content']}" for m in msgs)
     return _clip(response, width)
 

@@ -406,10 +406,10 @@ def _train_loop(config: dict) -> None:
                 bar.update(1)
             if step in cfg.export_steps and not done and config["export_dir"] and spec.export is not None:
                 export(f"{config['export_dir']}_step{step}")
-            if (cfg.eval_every and step % cfg.eval_every == 0 and eval_shard is not None
-                    and not (step % cfg.checkpoint_every == 0 or done)):  # those evaluate in save_and_report
+            reporting = step % cfg.checkpoint_every == 0 or done  # save_and_report evaluates too
+            if cfg.eval_every and step % cfg.eval_every == 0 and eval_shard is not None and not reporting:
                 evaluate({})
-            if step % cfg.checkpoint_every == 0 or done:
+            if reporting:
                 save_and_report({"step": step, **last_metrics}, micro, epoch,
                                 checkpoint=step % cfg.checkpoint_every == 0 or cfg.checkpoint_at_end)
             if done:
