@@ -290,6 +290,10 @@ class DPOConfig(Strict):
     # over-long pairs drop whole earliest prompt turns down to this; a pair whose last user turn alone
     # does not fit is refused and counted (<output_dir>/tokenization.json), never cut mid-turn
     max_prompt_length: int = Field(256, ge=4)
+    # Learning rate of the heads (full, or a low-rank head's factors); None: the backbone's (train.lr), as
+    # the paper. Above it, the heads carry more of what differs between objectives: with one rate the shared
+    # backbone learned most of the change and the heads stayed within their init noise (docs/main.md)
+    head_lr: float | None = Field(None, gt=0)
     noise_std: float = Field(1e-3, ge=0)  # head init: SFT head + noise_std * N(0, 1), seeded per head
     # 0: full heads (the paper). r > 0: low-rank heads, SFT head (frozen) + a trained rank-r change per
     # head: an extra head costs r (vocab + hidden) parameters instead of vocab x hidden (docs/policy.md)

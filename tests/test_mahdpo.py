@@ -137,6 +137,35 @@ def test_routing_trains_own_head_and_backbone_only(tiny_model_dir):
     assert any("layers.0" in k for k in moved) and any("embed_tokens" in k for k in moved)
 
 
+@pytest.mark.parametrize("head_rank", [0, 4])
+def test_head_lr_trains_the_heads_at_their_own_rate(tiny_model_dir, head_rank):
+    """dpo.head_lr: MAH-DPO's spec puts the heads (or a low-rank head's factors) in a group of their own; one
+    Adam step then moves a head element by ~head_lr and a backbone element by ~train.lr."""
+    from pipeline.config import DPOConfig, TrainConfig
+    from pipeline.train.harness import param_groups
+    from pipeline.train.mahdpo import build_spec
+
+    dpo = DPOConfig(head_lr=1e-2, head_rank=head_rank)
+    spec = build_spec(tiny_model_dir, ["a", "b"], ["a", "b"], dpo, bf16=False)
+    model = spec.build_model()
+    groups = param_groups(model, TrainConfig(lr=1e-4), spec.fresh_params, spec.named_lrs)
+    head_names = {"heads"} if not head_rank else {"head_up", "head_down"}
+    want = {id(p) for n, p in model.named_parameters() if n in head_names}
+    assert len(groups) == 2 and groups[1]["lr"] == 1e-2 and {id(p) for p in groups[1]["params"]} == want
+    opt = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 200, (2, 9))
+    sequence_logps(model(ids, head_ids=torch.tensor([0, 1])).logits, ids.clone()).sum().backward()
+    opt.step()
+    step = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    head_step = max(v for n, v in step.items() if n in head_names)
+    back_step = max(v for n, v in step.items() if n not in head_names)
+    assert head_step == pytest.approx(1e-2, rel=0.05) and back_step == pytest.approx(1e-4, rel=0.05)
+    # unset (the paper): one rate for all
+    assert len(param_groups(model, TrainConfig(lr=1e-4), (), build_spec(
+        tiny_model_dir, ["a", "b"], ["a", "b"], DPOConfig(), bf16=False).named_lrs)) == 1
+
+
 def test_train_layers_freezes_below_the_top_layers_with_the_same_top_gradients(tiny_model_dir):
     """dpo.train_layers = 1: the embedding and lower layers get no gradient; the top layer and the heads
     get exactly the gradients of full training (the same forward)."""

@@ -219,6 +219,25 @@ def test_fresh_parameters_get_their_own_learning_rate():
     assert [len(g["params"]) for g in param_groups(model, TrainConfig(lr=1e-5), ("head.",))] == [4]
 
 
+def test_named_parameters_get_their_own_learning_rate():
+    """dpo.head_lr: loaded parameters matched by the last component of their name (a soup member's too);
+    frozen ones stay out of every group."""
+    class Policy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(4, 4)
+            self.heads = torch.nn.Parameter(torch.zeros(2, 3, 4))
+    soup = torch.nn.ModuleDict({"members": torch.nn.ModuleList([Policy(), Policy()])})
+    soup["members"][1].base.bias.requires_grad_(False)
+    groups = param_groups(soup, TrainConfig(lr=1e-4), (), {"heads": 5e-4})
+    assert [len(g["params"]) for g in groups] == [3, 2] and "lr" not in groups[0] and groups[1]["lr"] == 5e-4
+    assert {id(p) for p in groups[1]["params"]} == {id(m.heads) for m in soup["members"]}
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 5e-4]
+    # a bias or weight named like nothing in named_lrs: the default group
+    assert [len(g["params"]) for g in param_groups(soup, TrainConfig(lr=1e-4), (), {"gamma": 1.0})] == [5]
+
+
 def test_metric_averaging_reads_tensors_once_per_logged_step(monkeypatch):
     """Tensor metrics stay on their device across micro-batches (no .item() per micro-batch: a host sync
     on a GPU); the mean is read when the step is logged. A collate's own token counts win over the mask

@@ -59,6 +59,9 @@ class TrainSpec:
     params: dict = field(default_factory=dict)  # logged to the tracker
     # Name prefixes of parameters created from scratch (not loaded); they train at cfg.fresh_lr.
     fresh_params: tuple[str, ...] = ()
+    # {last component of a parameter's name: lr}: loaded parameters the trainer trains at a rate of their own
+    # (MAH-DPO's heads at dpo.head_lr: "heads" matches `heads` and a soup's `members.0.heads`)
+    named_lrs: dict[str, float] = field(default_factory=dict)
     # (device) -> None, on every worker after deepspeed.initialize, inside whole_models(): loads what the
     # loss needs besides the trained model (the MAH-DPO reference), the same way on every rank.
     setup: Callable[[Any], None] | None = None
@@ -112,14 +115,20 @@ def _identity(spec: TrainSpec) -> dict:
     return json.loads(json.dumps(ident))
 
 
-def param_groups(model: torch.nn.Module, cfg: TrainConfig, fresh: tuple[str, ...]) -> list[dict]:
-    """Optimizer groups: parameters named with a `fresh` prefix train at cfg.fresh_lr (when set)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_fresh = [bool(cfg.fresh_lr) and n.startswith(fresh) for n, _ in named]
-    groups = [{"params": [p for (_, p), f in zip(named, is_fresh) if not f]}]
-    if any(is_fresh):
-        groups.append({"params": [p for (_, p), f in zip(named, is_fresh) if f], "lr": cfg.fresh_lr})
-    return groups
+def param_groups(model: torch.nn.Module, cfg: TrainConfig, fresh: tuple[str, ...],
+                 named_lrs: dict[str, float] | None = None) -> list[dict]:
+    """Optimizer groups: parameters named with a `fresh` prefix train at cfg.fresh_lr (when set); those whose
+    name ends in a key of `named_lrs` at that key's lr; the rest at cfg.lr (the optimizer's default)."""
+    named_lrs = named_lrs or {}
+    groups: dict[float | None, list] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = n.rsplit(".", 1)[-1]
+        lr = named_lrs[leaf] if leaf in named_lrs else cfg.fresh_lr if cfg.fresh_lr and n.startswith(fresh) else None
+        groups.setdefault(lr, []).append(p)
+    out = [{"params": groups.pop(None, [])}]
+    return out + [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
 def plan_steps(num_rows: int, cfg: TrainConfig) -> tuple[int, int]:
@@ -256,7 +265,7 @@ def _train_loop(config: dict) -> None:
         model.gradient_checkpointing_enable()
     # fused: one pass over each tensor instead of ~6 (CPU: 0.33 -> 0.11 s per step for SmolLM2;
     # transformers' Trainer default too)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, spec.fresh_params), lr=cfg.lr, betas=cfg.betas,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, spec.fresh_params, spec.named_lrs), lr=cfg.lr, betas=cfg.betas,
                                   weight_decay=cfg.weight_decay, fused=True)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -234,6 +234,7 @@ def build_spec(model_dir: str, heads: list[str], objectives: list[str], dpo, bf1
                                ref_dtype=dpo.ref_dtype, padding_free=dpo.padding_free, rpo_alpha=dpo.rpo_alpha),
         export=functools.partial(export_soup if soup else export_policy, tokenizer_dir=model_dir),
         params=params or {},
+        named_lrs={n: dpo.head_lr for n in ("heads", "head_up", "head_down")} if dpo.head_lr else {},
         setup=functools.partial(load_reference, model_dir, dpo.ref_dtype) if needs_reference else None,
     )
 
