@@ -61,7 +61,10 @@ def main() -> None:
     sft_dir = out / "sft" / "model"
     policies = [{"name": "base", "kind": "hf", "path": base}]
     policies += [{"name": f"sft@{s}", "kind": "hf", "path": f"{sft_dir}_step{s}"} for s in snaps if s < a.steps]
-    policies += [{"name": f"sft@{a.steps}", "kind": "hf", "path": str(sft_dir)}]
+    # the final model's step: --steps, or fewer where train.epochs ends the run first (plan_steps)
+    logged = out / "sft" / "logs" / "metrics.jsonl"
+    last = json.loads(logged.read_text().splitlines()[-1])["step"] if logged.exists() else a.steps
+    policies += [{"name": f"sft@{last}", "kind": "hf", "path": str(sft_dir)}]
     if a.only:
         policies = [p for p in policies if p["name"] in a.only.split(",")]
     from pipeline.eval.job import run_eval
@@ -85,7 +88,7 @@ def main() -> None:
             for c in cells) + " |")
     lines += ["", "| step | train loss | held-out loss | tokens/s |", "|---:|---:|---:|---:|"]
     for m in losses:
-        if m["step"] in snaps or m["step"] == a.steps or m["step"] % 8 == 0 or m["step"] <= 2:
+        if m["step"] in snaps or m["step"] == last or m["step"] % 8 == 0 or m["step"] <= 2:
             lines.append(f"| {m['step']} | {m['loss']:.3f} | {m.get('eval/loss', float('nan')):.3f} | "
                          f"{m.get('tokens', 0) / max(m.get('step_time_s', 1), 1e-9):.0f} |")
     (out / "curve.md").write_text("\n".join(lines) + "\n")
