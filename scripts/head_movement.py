@@ -44,12 +44,14 @@ def main() -> None:
     print("|---|---:|---:|")
     for i, o in enumerate(pol.objectives):
         print(f"| {o} | {rel(heads[i], w0):.4%} | {rel(heads[i], w0 + noise[i]):.4%} |")
-    print("\n| head pair | distance (of the SFT head's norm) |\n|---|---:|")
+    print("\n| head pair (one task's) | distance (of the SFT head's norm) |\n|---|---:|")
+    fam = [o.split("/")[0] for o in pol.objectives]
     for i in range(len(pol.objectives)):
         for j in range(i + 1, len(pol.objectives)):
-            print(f"| {pol.objectives[i]} - {pol.objectives[j]} | {float((heads[i] - heads[j]).norm() / w0.norm()):.4%} |")
-    sd_sft = dict(sft.named_parameters())
-    moved = sorted(((rel(p, sd_sft[n]), n) for n, p in pol.base.named_parameters()
+            if fam[i] == fam[j]:
+                print(f"| {pol.objectives[i]} - {pol.objectives[j]} | {float((heads[i] - heads[j]).norm() / w0.norm()):.4%} |")
+    sd_sft = {n: p.detach() for n, p in sft.named_parameters()}
+    moved = sorted(((rel(p, sd_sft[n]), n) for n, p in ((n, p.detach()) for n, p in pol.base.named_parameters())
                     if n in sd_sft and p.dim() == 2 and not torch.equal(p, sd_sft[n])), reverse=True)
     print(f"\nbackbone matrices changed: {len(moved)}; largest relative change {moved[0][0]:.4%} ({moved[0][1]}), "
           f"median {moved[len(moved) // 2][0]:.4%}" if moved else "\nbackbone: unchanged")
@@ -60,7 +62,7 @@ def main() -> None:
     from pipeline.models.checkpoint import load_tokenizer
 
     tok = load_tokenizer(a.sft)
-    rows = [r for r in pq.read_table(a.prompts).to_pylist() if r["policy"] == "SFT" and r["decoding"] == "plain"]
+    rows = [r for r in pq.read_table(a.prompts).to_pylist() if r["policy"].lower() == "sft" and r["decoding"] == "plain"]
     print("\n| task | heads | mean abs per-token log-prob gap between the two heads | equal mix vs SFT | tokens |")
     print("|---|---|---:|---:|---:|")
     for task in sorted({r["task"] for r in rows}):
@@ -77,7 +79,8 @@ def main() -> None:
                 pass
             # a dialogue: the tutor's first turn (its later turns follow the simulated student's replies)
             text = resp if isinstance(resp, str) else next((m["content"] for m in resp if m.get("role") == "assistant"), "")
-            p_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            p_ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)["input_ids"]
             y_ids = tok(text, add_special_tokens=False)["input_ids"][:256]
             if not y_ids:
                 continue
