@@ -501,8 +501,10 @@ def test_build_pairs_then_fit_policy_jobs(tmp_path, ray_session, tiny_model_dir)
     res = fit_policy(common + ["--output_dir", str(tmp_path / "policy"), "--data.eval_fraction", "0.2",
                                "--train.num_workers", "2", "--train.micro_batch_size", "2", "--train.max_steps", "6",
                                "--train.epochs", "5", "--train.checkpoint_every", "6", "--dpo.rpo_alpha", "1.0",
-                               "--train.eval_every", "2", "--train.best_metric", "eval/dpo_loss"])["mahdpo"]
+                               "--train.eval_every", "2", "--train.best_metric", "eval/dpo_loss",
+                               "--dpo.head_lr", "2e-3"])["mahdpo"]
     logged = read_metrics(str(tmp_path / "policy" / "logs"))
+    assert logged[-1]["lr"] == pytest.approx(1e-3) and logged[-1]["lr_group1"] == pytest.approx(2e-3)  # the heads' rate
     assert {"concision/loss", "thoroughness/reward_accuracy", "concision/margin", "concision/chosen_nll",
             "dpo_loss"} <= set(logged[-1])
     assert "eval/concision/reward_accuracy" in res.metrics

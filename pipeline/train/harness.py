@@ -399,7 +399,9 @@ def _train_loop(config: dict) -> None:
                 m = _mean_across_workers({**avg.mean(), **tokens}, engine.device)
                 for k in tokens:  # per optimizer step, summed over workers
                     m[k] *= world / cfg.log_every
-                m.update(lr=scheduler.get_last_lr()[0], epoch=epoch + micro / max(1, steps_per_epoch * cfg.grad_accum),
+                lrs = scheduler.get_last_lr()  # per optimizer group: the default first, then fresh / named ones
+                m.update({f"lr_group{i}": v for i, v in enumerate(lrs[1:], 1)})
+                m.update(lr=lrs[0], epoch=epoch + micro / max(1, steps_per_epoch * cfg.grad_accum),
                          step_time_s=(time.time() - t0) / cfg.log_every)
                 last_metrics = m
                 if rank == 0:
