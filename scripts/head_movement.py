@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from pipeline.models.multihead import MultiHeadPolicy, load_checked
+from pipeline.models.multihead import MultiHeadPolicy
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,16 +34,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="responses per task for --prompts")
     a = ap.parse_args()
     pol = MultiHeadPolicy.load(a.policy)
-    sft = load_checked(a.sft, "float32")
+    # the heads as MAH-DPO started them (SFT head + the seeded noise); its base is the SFT model
+    start = MultiHeadPolicy.from_sft(a.sft, pol.objectives, a.noise_std, a.seed)
+    sft = start.base
     w0 = sft.get_output_embeddings().weight.detach()
-    heads = pol.heads.detach()
-    noise = [a.noise_std * torch.randn(w0.shape, generator=torch.Generator().manual_seed(a.seed + i))
-             for i in range(len(pol.objectives))]
-    print(f"init noise: {float(noise[0].norm() / w0.norm()):.4%} of the SFT head's norm")
+    heads, init = pol.heads.detach(), start.heads.detach()
+    print(f"init noise: {rel(init[0], w0):.4%} of the SFT head's norm")
     print("| head | moved from SFT | moved from its init |")
     print("|---|---:|---:|")
     for i, o in enumerate(pol.objectives):
-        print(f"| {o} | {rel(heads[i], w0):.4%} | {rel(heads[i], w0 + noise[i]):.4%} |")
+        print(f"| {o} | {rel(heads[i], w0):.4%} | {rel(heads[i], init[i]):.4%} |")
     print("\n| head pair (one task's) | distance (of the SFT head's norm) |\n|---|---:|")
     fam = [o.split("/")[0] for o in pol.objectives]
     for i in range(len(pol.objectives)):
